@@ -1,0 +1,1 @@
+"""MultiModel in JAX: one network trained jointly on tasks of different modalities."""
