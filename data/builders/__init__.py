@@ -1,0 +1,31 @@
+"""TFDS builders of the embedded tasks. Importing this package registers them with TFDS.
+
+Each module defines one or more `tfds.core.GeneratorBasedBuilder` classes (TFDS names are the snake
+case of the class names) and reads its sources offline (see `../../shared/DATA.md`).
+"""
+
+import importlib
+
+MODULES = (
+    "image_mnist5k",
+    "image_fashion",
+    "translate",  # translate_en_fr, translate_en_de
+    "sentiment_reviews",
+    "speech_en",
+    "caption_stamps",
+    "parse_en",
+)
+
+
+def import_all():
+  """Imports every builder module that exists (registers the builders); returns their names."""
+  loaded = []
+  for name in MODULES:
+    try:
+      importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+      continue
+    loaded.append(name)
+  return loaded
