@@ -1,0 +1,77 @@
+"""Image: the paper's conv stem (Xception entry flow), any H x W, flattened to positions.
+
+[B, H, W, C] -> two 3x3 convs (the first strided) -> `res_blocks` residual blocks of separable
+convs with stride-2 max pooling -> dense to D -> [B, H' * W', D] with H' = H / 2^(1 + res_blocks).
+Paddings are explicit so output positions do not depend on the image size parity.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from multimodel import sharding
+
+Array = jax.Array
+PAD1 = ((1, 1), (1, 1))
+
+
+def _conv(i, o, kernel, *, strides=1, groups=1, padding=PAD1, dtype, param_dtype, rngs):
+  return nnx.Conv(i, o, (kernel, kernel), strides=strides, padding=padding,
+                  feature_group_count=groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                    (sharding.CONV, sharding.CONV, None, None)))
+
+
+class _SepConv2D(nnx.Module):
+  """Depthwise 3x3 then pointwise 1x1, then layer norm over channels."""
+
+  def __init__(self, i, o, **kw):
+    self.depthwise = _conv(i, i, 3, groups=i, **kw)
+    self.pointwise = _conv(i, o, 1, padding="VALID", **kw)
+    self.norm = nnx.LayerNorm(o, dtype=jnp.float32, param_dtype=kw["param_dtype"], rngs=kw["rngs"])
+
+  def __call__(self, x):
+    return self.norm(self.pointwise(self.depthwise(x)).astype(jnp.float32)).astype(x.dtype)
+
+
+class _ResBlock(nnx.Module):
+  """relu-sepconv-relu-sepconv, 3x3/2 max pool, plus a strided 1x1 conv shortcut. Halves H, W."""
+
+  def __init__(self, i, o, **kw):
+    self.sep1, self.sep2 = _SepConv2D(i, o, **kw), _SepConv2D(o, o, **kw)
+    self.shortcut = _conv(i, o, 1, strides=2, padding="VALID", **kw)
+
+  def __call__(self, x):
+    y = self.sep2(jax.nn.relu(self.sep1(jax.nn.relu(x))))
+    y = nnx.max_pool(y, (3, 3), strides=(2, 2), padding=PAD1)
+    return y + self.shortcut(x)
+
+
+class Image(nnx.Module):
+  """Image input modality: [B, H, W, C] float (normalised) -> ([B, H'*W', D], None)."""
+
+  def __init__(self, d_model: int, *, channels: int = 3, stem_filters: int = 32,
+               res_blocks: int = 1, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    f = stem_filters
+    self.dtype = dtype
+    self.conv1 = _conv(channels, f, 3, strides=2, **kw)
+    self.norm1 = nnx.LayerNorm(f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.conv2 = _conv(f, 2 * f, 3, **kw)
+    self.norm2 = nnx.LayerNorm(2 * f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    widths = [2 * f * 2 ** (i + 1) for i in range(res_blocks)]  # Xception: 128, 256, 512...
+    self.blocks = nnx.List([_ResBlock(i, o, **kw) for i, o in zip([2 * f] + widths, widths)])
+    self.project = nnx.Linear(
+        ([2 * f] + widths)[-1], d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, sharding.EMBED)))
+
+  def encode(self, inputs: Array, input_mask: Array | None = None, *, train: bool = False,
+             rngs: nnx.Rngs | None = None) -> tuple[Array, None]:
+    del input_mask, train, rngs  # Images are never padded.
+    x = inputs.astype(self.dtype)  # [B, H, W, C]
+    x = jax.nn.relu(self.norm1(self.conv1(x).astype(jnp.float32))).astype(self.dtype)
+    x = jax.nn.relu(self.norm2(self.conv2(x).astype(jnp.float32))).astype(self.dtype)
+    for block in self.blocks:
+      x = block(x)  # [B, H/2, W/2, F]
+    x = self.project(x)  # [B, H', W', D]
+    return x.reshape(x.shape[0], -1, x.shape[-1]), None  # [B, H'*W', D]

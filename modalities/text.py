@@ -1,0 +1,62 @@
+"""Text: subword ids of the one shared SentencePiece vocabulary (0 = pad, 1 = end of sequence)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from modalities import losses
+from multimodel import sharding
+
+Array = jax.Array
+
+
+class Text(nnx.Module):
+  """Embeds ids (scaled by sqrt(D)); logits over the vocabulary (tied to the embedding by default).
+
+  One instance serves as input and target modality of every text task.
+  """
+
+  autoregressive = True
+
+  def __init__(self, vocab_size: int, d_model: int, *, tie_embeddings: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.d_model, self.dtype = d_model, dtype
+    init = nnx.with_partitioning(nnx.initializers.normal(d_model ** -0.5),
+                                 (sharding.VOCAB, sharding.EMBED))
+    self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype))  # [V, D]
+    self.output = None
+    if not tie_embeddings:
+      out_init = nnx.with_partitioning(nnx.initializers.normal(d_model ** -0.5),
+                                       (sharding.EMBED, sharding.VOCAB))
+      self.output = nnx.Param(out_init(rngs.params(), (d_model, vocab_size), param_dtype))
+
+  def _embed(self, ids: Array) -> Array:
+    emb = jnp.take(self.embedding.value, ids, axis=0)  # [B, L, D]
+    return (emb * self.d_model ** 0.5).astype(self.dtype)
+
+  def encode(self, inputs: Array, input_mask: Array | None = None, *, train: bool = False,
+             rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
+    """inputs int [B, S] -> ([B, S, D], mask bool [B, S] = ids != 0)."""
+    del input_mask, train, rngs
+    return self._embed(inputs), inputs != 0
+
+  def embed_targets(self, targets: Array) -> Array:
+    """targets int [B, T] -> [B, T, D]."""
+    return self._embed(targets)
+
+  def logits(self, h: Array, num_classes: int = 0) -> Array:
+    """h [B, T, D] -> float32 [B, T, V]."""
+    del num_classes
+    if self.output is None:
+      w = self.embedding.value.astype(self.dtype)  # [V, D]
+      return jnp.einsum("BTD,VD->BTV", h.astype(self.dtype), w).astype(jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", h.astype(self.dtype),
+                      self.output.value.astype(self.dtype)).astype(jnp.float32)
+
+  def loss(self, logits: Array, targets: Array, weights: Array | None,
+           label_smoothing: float) -> dict:
+    """Padded cross-entropy: logits [B, T, V], targets [B, T] (0 = pad), weights [B] or None."""
+    w = (targets != 0).astype(jnp.float32)
+    if weights is not None:
+      w = w * weights[:, None]
+    return losses.smoothed_cross_entropy(logits, targets, w, label_smoothing)

@@ -1,0 +1,171 @@
+"""Multi-head dot-product attention with a sinusoid timing signal and padding / causal masks.
+
+Shapes: B batch, T query length, S key length, D width, H heads, d = D / H head width.
+`AttentionBlock` is the body's attention unit: causal self-attention (optional) then
+cross-attention to a memory (the encoder output), each followed by a residual and a layer norm.
+Its `step` decodes one position with a key/value cache of fixed size [B, T_max, H, d].
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from multimodel import sharding
+
+Array = jax.Array
+NEG_INF = -1e9
+
+
+def timing_signal(positions: Array, channels: int, min_timescale: float = 1.0,
+                  max_timescale: float = 1.0e4) -> Array:
+  """Sinusoid timing signal (tensor2tensor's `get_timing_signal_1d`) at integer positions.
+
+  Args:
+    positions: [L] int positions (may be traced, e.g. the decode step).
+  Returns:
+    [L, channels] float32: sin in the first half of the channels, cos in the second.
+  """
+  num_timescales = channels // 2
+  log_increment = math.log(max_timescale / min_timescale) / max(num_timescales - 1, 1)
+  inv_timescales = min_timescale * jnp.exp(jnp.arange(num_timescales) * -log_increment)
+  scaled = positions.astype(jnp.float32)[:, None] * inv_timescales[None, :]  # [L, D/2]
+  signal = jnp.concatenate([jnp.sin(scaled), jnp.cos(scaled)], axis=1)
+  return jnp.pad(signal, ((0, 0), (0, channels % 2)))
+
+
+def add_timing(x: Array, offset: Array | int = 0) -> Array:
+  """x [B, L, D] + timing signal at positions offset .. offset + L - 1."""
+  positions = jnp.arange(x.shape[1]) + offset
+  return x + timing_signal(positions, x.shape[-1]).astype(x.dtype)[None]
+
+
+def causal_mask(length: int) -> Array:
+  """bool [1, T, T]: query t sees keys <= t."""
+  return jnp.tril(jnp.ones((length, length), bool))[None]
+
+
+class MultiHeadAttention(nnx.Module):
+  """Dot-product attention with H heads: queries [B, T, D] attend to keys/values [B, S, D]."""
+
+  def __init__(self, features: int, num_heads: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if features % num_heads:
+      raise ValueError(f"width {features} is not divisible by {num_heads} heads")
+    self.num_heads, self.head_dim, self.dtype = num_heads, features // num_heads, dtype
+    shape = (features, num_heads, self.head_dim)
+
+    def proj(axes):
+      init = nnx.with_partitioning(
+          nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2)),
+          axes)
+      return nnx.Param(init(rngs.params(), shape, param_dtype))
+
+    qkv_axes = (sharding.EMBED, sharding.HEADS, None)
+    self.query, self.key, self.value = proj(qkv_axes), proj(qkv_axes), proj(qkv_axes)
+    out_init = nnx.with_partitioning(
+        nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2),
+        (sharding.HEADS, None, sharding.EMBED))
+    self.out = nnx.Param(out_init(rngs.params(), (num_heads, self.head_dim, features), param_dtype))
+
+  def project_kv(self, memory: Array) -> tuple[Array, Array]:
+    """memory [B, S, D] -> keys, values [B, S, H, d]."""
+    m = memory.astype(self.dtype)
+    k = jnp.einsum("BSD,DHd->BSHd", m, self.key.value.astype(self.dtype))
+    v = jnp.einsum("BSD,DHd->BSHd", m, self.value.value.astype(self.dtype))
+    return k, v
+
+  def attend(self, x: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """x [B, T, D] queries over k, v [B, S, H, d]; mask bool broadcastable to [B, T, S]."""
+    q = jnp.einsum("BTD,DHd->BTHd", x.astype(self.dtype), self.query.value.astype(self.dtype))
+    logits = jnp.einsum("BTHd,BSHd->BHTS", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+    if mask is not None:
+      logits = jnp.where(mask[:, None], logits, NEG_INF)  # [B, H, T, S]
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    ctx = jnp.einsum("BHTS,BSHd->BTHd", weights, v)  # [B, T, H, d]
+    return jnp.einsum("BTHd,HdD->BTD", ctx, self.out.value.astype(self.dtype))
+
+  def __call__(self, x: Array, memory: Array, mask: Array | None = None) -> Array:
+    k, v = self.project_kv(memory)
+    return self.attend(x, k, v, mask)
+
+
+class AttentionBlock(nnx.Module):
+  """(Causal self-attention) then cross-attention to a memory; residual + layer norm after each.
+
+  With `enabled=False` (the paper's no-attention ablation) self-attention is skipped and the
+  cross-attention is replaced by the masked mean of the memory, so the decoder still sees the input.
+  """
+
+  def __init__(self, features: int, num_heads: int, *, self_attention: bool = True,
+               enabled: bool = True, dropout: float = 0.0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.enabled, self.has_self = enabled, self_attention and enabled
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if self.has_self:
+      self.self_attn = MultiHeadAttention(features, num_heads, **kw)
+      self.self_norm = nnx.LayerNorm(features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    if enabled:
+      self.cross_attn = MultiHeadAttention(features, num_heads, **kw)
+    self.cross_norm = nnx.LayerNorm(features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def _residual(self, norm, x, y, train, rngs):
+    y = self.dropout(y, deterministic=not train, rngs=rngs)
+    return norm((x + y).astype(jnp.float32)).astype(x.dtype)
+
+  @staticmethod
+  def _mean_memory(memory: Array, memory_mask: Array | None) -> Array:
+    """Masked mean of memory [B, S, D] -> [B, 1, D]."""
+    if memory_mask is None:
+      return memory.mean(axis=1, keepdims=True)
+    m = memory_mask[..., None].astype(memory.dtype)
+    return (memory * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
+
+  def __call__(self, x: Array, memory: Array, memory_mask: Array | None = None, *,
+               train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
+    """x [B, T, D] (causal over T), memory [B, S, D], memory_mask bool [B, S] -> [B, T, D]."""
+    if self.has_self:
+      h = add_timing(x)
+      x = self._residual(self.self_norm, x, self.self_attn(h, h, causal_mask(x.shape[1])),
+                         train, rngs)
+    if not self.enabled:
+      return self._residual(self.cross_norm, x, self._mean_memory(memory, memory_mask), train, rngs)
+    mask = None if memory_mask is None else memory_mask[:, None, :]  # [B, 1, S]
+    return self._residual(self.cross_norm, x, self.cross_attn(add_timing(x), memory, mask),
+                          train, rngs)
+
+  def init_state(self, memory: Array, memory_mask: Array | None, max_length: int) -> dict:
+    """Decoding state: cross keys/values of the memory once, empty self-attention cache."""
+    batch = memory.shape[0]
+    state = {"memory_mask": (jnp.ones(memory.shape[:2], bool) if memory_mask is None
+                             else memory_mask)}
+    if not self.enabled:
+      state["memory_mean"] = self._mean_memory(memory, memory_mask)
+      return state
+    state["cross_k"], state["cross_v"] = self.cross_attn.project_kv(memory)
+    if self.has_self:
+      a = self.self_attn
+      shape = (batch, max_length, a.num_heads, a.head_dim)
+      state["self_k"] = jnp.zeros(shape, a.dtype)
+      state["self_v"] = jnp.zeros(shape, a.dtype)
+    return state
+
+  def step(self, x: Array, state: dict, position: Array) -> tuple[Array, dict]:
+    """One position: x [B, 1, D] at `position` (int scalar) -> ([B, 1, D], new state)."""
+    state = dict(state)
+    if self.has_self:
+      h = add_timing(x, position)
+      k, v = self.self_attn.project_kv(h)  # [B, 1, H, d]
+      state["self_k"] = jax.lax.dynamic_update_slice_in_dim(state["self_k"], k, position, axis=1)
+      state["self_v"] = jax.lax.dynamic_update_slice_in_dim(state["self_v"], v, position, axis=1)
+      seen = (jnp.arange(state["self_k"].shape[1]) <= position)[None, None, :]  # [1, 1, T_max]
+      x = self._residual(self.self_norm, x,
+                         self.self_attn.attend(h, state["self_k"], state["self_v"], seen),
+                         False, None)
+    if not self.enabled:
+      return self._residual(self.cross_norm, x, state["memory_mean"], False, None), state
+    y = self.cross_attn.attend(add_timing(x, position), state["cross_k"], state["cross_v"],
+                               state["memory_mask"][:, None, :])
+    return self._residual(self.cross_norm, x, y, False, None), state

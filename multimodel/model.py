@@ -1,0 +1,250 @@
+"""The MultiModel network: modality nets around a shared encoder, I/O mixer and decoder.
+
+    inputs --input modality--> [B, S, D] --encoder--> [B, S, D] ----------------.
+    command, targets[:-1] --target modality embed--> [B, T, D] --mixer--> --decoder--> logits
+                                                         (attention over the encoder output)
+
+Shapes: B batch, S source length, T target length, D width, V vocabulary.
+The body never branches on modality or task: a task reaches it only through its command token and
+the modality nets it names. A target modality that is not autoregressive (class labels) skips the
+decoder and reads the pooled encoder output plus the command embedding.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import modalities
+from multimodel import attention, conv, feedforward, moe, sharding
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What the network needs to know of a task: static, hashable (one jit program per task)."""
+
+  input_modality: str
+  target_modality: str
+  command_id: int
+  num_classes: int = 0
+
+
+def compute_dtype(name: str):
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
+def masked_mean(x: Array, mask: Array | None) -> Array:
+  """x [B, L, D], mask bool [B, L] or None -> [B, D]."""
+  if mask is None:
+    return x.mean(axis=1)
+  m = mask[..., None].astype(x.dtype)
+  return (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+class ExpertsBlock(nnx.Module):
+  """Mixture of experts (or a dense feed-forward layer) with residual, dropout and layer norm."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d = cfg.d_model
+    if cfg.use_moe:
+      self.ffn = moe.MoE(d, cfg.hidden, cfg.num_experts, cfg.top_k,
+                         capacity_factor=cfg.capacity_factor,
+                         eval_capacity_factor=cfg.eval_capacity_factor, loss_coef=cfg.moe_loss_coef,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.ffn = feedforward.FeedForward(d, cfg.hidden, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=rngs)
+    # Capacity of a decoding step: every token fits (a step holds only B tokens).
+    self.step_capacity_factor = float(cfg.num_experts) / cfg.top_k if cfg.use_moe else None
+    self.norm = nnx.LayerNorm(d, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x, mask=None, *, train=False, rngs=None, capacity_factor=None):
+    y, aux = self.ffn(x, mask, train=train, rngs=rngs, capacity_factor=capacity_factor)
+    y = self.dropout(y, deterministic=not train, rngs=rngs)
+    return self.norm((x + y).astype(jnp.float32)).astype(x.dtype), aux
+
+  def step(self, x):
+    return self(x, None, train=False, capacity_factor=self.step_capacity_factor)[0]
+
+
+def _moe_position(num_blocks: int) -> int:
+  """Index of the block after which the MoE sits: the middle of the stack."""
+  return max(num_blocks // 2 - 1, 0)
+
+
+class Encoder(nnx.Module):
+  """Conv blocks ('same' padding) with a mixture of experts in the middle. [B, S, D] -> [B, S, D]."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        conv.ConvBlock(cfg.d_model, cfg.kernel_size, tuple(cfg.dilations), dropout=cfg.dropout, **kw)
+        for _ in range(cfg.encoder_blocks)])
+    self.experts = ExpertsBlock(cfg, **kw)
+    self.moe_at = _moe_position(cfg.encoder_blocks)
+
+  def __call__(self, x, mask, *, train=False, rngs=None):
+    aux = {}
+    for i, block in enumerate(self.blocks):
+      x = block(x, mask, train=train, rngs=rngs)
+      if i == self.moe_at:
+        x, aux = self.experts(x, mask, train=train, rngs=rngs)
+    return conv.apply_mask(x, mask), aux
+
+
+class Mixer(nnx.Module):
+  """I/O mixer: attention (causal self + cross to the encoder), then causal conv blocks."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attention = attention.AttentionBlock(cfg.d_model, cfg.num_heads,
+                                              enabled=cfg.use_attention, dropout=cfg.dropout, **kw)
+    self.blocks = nnx.List([
+        conv.ConvBlock(cfg.d_model, cfg.kernel_size, tuple(cfg.dilations), causal=True,
+                       dropout=cfg.dropout, **kw) for _ in range(cfg.mixer_blocks)])
+
+  def __call__(self, y, memory, memory_mask, *, train=False, rngs=None):
+    y = self.attention(y, memory, memory_mask, train=train, rngs=rngs)
+    for block in self.blocks:
+      y = block(y, train=train, rngs=rngs)
+    return y
+
+  def init_state(self, memory, memory_mask, max_length):
+    return {"attention": self.attention.init_state(memory, memory_mask, max_length),
+            "blocks": [b.init_state(memory.shape[0], memory.dtype) for b in self.blocks]}
+
+  def step(self, y, state, position):
+    y, att = self.attention.step(y, state["attention"], position)
+    blocks = []
+    for block, s in zip(self.blocks, state["blocks"]):
+      y, s = block.step(y, s)
+      blocks.append(s)
+    return y, {"attention": att, "blocks": blocks}
+
+
+class Decoder(nnx.Module):
+  """Blocks of (causal conv block, attention to the encoder); mixture of experts in the middle."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.convs = nnx.List([
+        conv.ConvBlock(cfg.d_model, cfg.kernel_size, tuple(cfg.dilations), causal=True,
+                       dropout=cfg.dropout, **kw) for _ in range(cfg.decoder_blocks)])
+    self.attentions = nnx.List([
+        attention.AttentionBlock(cfg.d_model, cfg.num_heads, enabled=cfg.use_attention,
+                                 dropout=cfg.dropout, **kw) for _ in range(cfg.decoder_blocks)])
+    self.experts = ExpertsBlock(cfg, **kw)
+    self.moe_at = _moe_position(cfg.decoder_blocks)
+
+  def __call__(self, y, memory, memory_mask, target_mask, *, train=False, rngs=None):
+    aux = {}
+    for i, (conv_block, att) in enumerate(zip(self.convs, self.attentions)):
+      y = conv_block(y, train=train, rngs=rngs)
+      y = att(y, memory, memory_mask, train=train, rngs=rngs)
+      if i == self.moe_at:
+        y, aux = self.experts(y, target_mask, train=train, rngs=rngs)
+    return y, aux
+
+  def init_state(self, memory, memory_mask, max_length):
+    return {"convs": [c.init_state(memory.shape[0], memory.dtype) for c in self.convs],
+            "attentions": [a.init_state(memory, memory_mask, max_length) for a in self.attentions]}
+
+  def step(self, y, state, position):
+    convs, atts = [], []
+    for i, (conv_block, att) in enumerate(zip(self.convs, self.attentions)):
+      y, c = conv_block.step(y, state["convs"][i])
+      y, a = att.step(y, state["attentions"][i], position)
+      convs.append(c)
+      atts.append(a)
+      if i == self.moe_at:
+        y = self.experts.step(y)
+    return y, {"convs": convs, "attentions": atts}
+
+
+class MultiModel(nnx.Module):
+  """The whole network. `cfg` is the `model` section of a config."""
+
+  def __init__(self, cfg, *, modality_names=modalities.NAMES, rngs: nnx.Rngs):
+    dtype, param_dtype = compute_dtype(cfg.dtype), jnp.float32
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.d_model, self.dtype, self.label_smoothing = cfg.d_model, dtype, cfg.label_smoothing
+    self.modalities = nnx.Dict({name: modalities.build(name, cfg, **kw) for name in modality_names})
+    init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, sharding.EMBED))
+    self.commands = nnx.Param(init(rngs.params(), (cfg.num_commands, cfg.d_model), param_dtype))
+    self.encoder = Encoder(cfg, **kw)
+    self.mixer = Mixer(cfg, **kw)
+    self.decoder = Decoder(cfg, **kw)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def _modality(self, name):
+    if name not in self.modalities:
+      raise KeyError(f"This model has no {name!r} modality net; it has {sorted(self.modalities)}")
+    return self.modalities[name]
+
+  def command(self, task: TaskSpec) -> Array:
+    """The command token's embedding, [D]."""
+    return self.commands.value[task.command_id].astype(self.dtype)
+
+  def encode(self, task: TaskSpec, inputs: Array, input_mask: Array | None = None, *,
+             train: bool = False, rngs: nnx.Rngs | None = None):
+    """Raw inputs -> (encoder output [B, S, D], mask bool [B, S] or None, MoE aux)."""
+    x, mask = self._modality(task.input_modality).encode(inputs, input_mask, train=train, rngs=rngs)
+    x = self.dropout(attention.add_timing(x), deterministic=not train, rngs=rngs)
+    enc, aux = self.encoder(x, mask, train=train, rngs=rngs)
+    return enc, mask, aux
+
+  def _decoder_inputs(self, task, targets):
+    """Command token then targets shifted right: [B, T] -> [B, T, D]."""
+    y = self._modality(task.target_modality).embed_targets(targets)  # [B, T, D]
+    cmd = jnp.broadcast_to(self.command(task), (y.shape[0], 1, y.shape[2]))
+    return jnp.concatenate([cmd, y[:, :-1]], axis=1)
+
+  def __call__(self, task: TaskSpec, inputs: Array, targets: Array,
+               input_mask: Array | None = None, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> tuple[Array, dict]:
+    """Teacher-forced forward pass.
+
+    Returns:
+      logits: [B, T, V] for sequence targets, [B, num_classes] for label targets (float32).
+      aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets).
+    """
+    enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
+    target = self._modality(task.target_modality)
+    if not target.autoregressive:
+      pooled = masked_mean(enc, enc_mask) + self.command(task)  # [B, D]
+      return target.logits(pooled, task.num_classes), {"encoder": enc_aux}
+    y = self.dropout(self._decoder_inputs(task, targets), deterministic=not train, rngs=rngs)
+    y = self.mixer(y, enc, enc_mask, train=train, rngs=rngs)
+    h, dec_aux = self.decoder(y, enc, enc_mask, targets != 0, train=train, rngs=rngs)
+    return target.logits(h), {"encoder": enc_aux, "decoder": dec_aux}
+
+  # Incremental decoding: state = per-layer caches; one call per output position.
+
+  def init_decode_state(self, task: TaskSpec, enc: Array, enc_mask: Array | None,
+                        max_length: int) -> dict:
+    """Caches for decoding up to `max_length` positions from encoder output [B, S, D]."""
+    return {"mixer": self.mixer.init_state(enc, enc_mask, max_length),
+            "decoder": self.decoder.init_state(enc, enc_mask, max_length)}
+
+  def decode_step(self, task: TaskSpec, state: dict, prev_token: Array,
+                  position: Array) -> tuple[Array, dict]:
+    """Logits of position `position` given the token at `position - 1`.
+
+    Args:
+      prev_token: int [B], ignored at position 0 (the command token is the first input).
+      position: int scalar (may be traced).
+    Returns:
+      logits float32 [B, V] and the new state.
+    """
+    target = self._modality(task.target_modality)
+    emb = target.embed_targets(prev_token[:, None])  # [B, 1, D]
+    y = jnp.where(position == 0, self.command(task)[None, None, :], emb)
+    y, mixer_state = self.mixer.step(y, state["mixer"], position)
+    h, decoder_state = self.decoder.step(y, state["decoder"], position)
+    return target.logits(h)[:, 0], {"mixer": mixer_state, "decoder": decoder_state}

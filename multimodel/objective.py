@@ -1,0 +1,43 @@
+"""The loss of one task's batch: shared by the train step and by evaluation.
+
+loss = target modality's loss (mean over real target positions) + MoE balancing losses.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from multimodel.model import MultiModel, TaskSpec
+
+Array = jax.Array
+
+
+def moe_losses(aux: dict) -> Array:
+  """Sum of the balancing losses of every MoE layer in a model's aux output."""
+  return sum((layer["loss"] for layer in aux.values() if "loss" in layer),
+             jnp.zeros((), jnp.float32))
+
+
+def expert_loads(aux: dict) -> dict:
+  """{layer name: load [E]} of every MoE layer that reports one."""
+  return {name: layer["load"] for name, layer in aux.items() if "load" in layer}
+
+
+def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
+            rngs: nnx.Rngs | None = None) -> tuple[Array, dict]:
+  """(scalar loss, metrics) of one task's batch.
+
+  batch: `inputs`, `targets`, optional `input_mask` and `example_mask` (bool [B], False for the
+  padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`),
+  so that evaluation can add them over batches, plus `moe_loss` and `expert_load`.
+  """
+  logits, aux = model(task, batch["inputs"], batch["targets"], batch.get("input_mask"),
+                      train=train, rngs=rngs)
+  example_mask = batch.get("example_mask")
+  weights = None if example_mask is None else example_mask.astype(jnp.float32)
+  target = model.modalities[task.target_modality]
+  sums = target.loss(logits, batch["targets"], weights, model.label_smoothing)
+  task_loss = sums["loss"] / jnp.maximum(sums["weight"], 1.0)
+  moe_loss = moe_losses(aux)
+  metrics = dict(sums, task_loss=task_loss, moe_loss=moe_loss, expert_load=expert_loads(aux))
+  return task_loss + moe_loss, metrics

@@ -1,0 +1,202 @@
+"""Unit tests of the network: shapes, padding, causality, cached decoding, gradients, ablations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from multimodel import objective
+from multimodel.configs import common, paper
+from multimodel.model import MultiModel, TaskSpec
+
+B, S, T = 2, 9, 7
+
+
+def small_config(**overrides):
+  """A tiny model; eval capacity large enough that no token is ever dropped (E / K)."""
+  model = dict(d_model=32, hidden=64, num_heads=4, encoder_blocks=2, mixer_blocks=1,
+               decoder_blocks=2, num_experts=4, top_k=2, eval_capacity_factor=2.0, vocab_size=64,
+               num_labels=16, num_commands=8, dropout=0.1,
+               image=dict(stem_filters=8, res_blocks=1), audio=dict(num_mel_bins=16,
+                                                                    conv_filters=8))
+  model.update(overrides)
+  return common.make(model=model).model
+
+
+@pytest.fixture(scope="module")
+def model():
+  return MultiModel(small_config(), rngs=nnx.Rngs(0))
+
+
+def ids(rng, shape, vocab=64):
+  return jnp.asarray(rng.integers(3, vocab, shape), jnp.int32)
+
+
+def raw_inputs(name, rng):
+  """(inputs, input_mask) of an input modality."""
+  if name == "text":
+    return ids(rng, (B, S)), None
+  if name == "image":
+    return jnp.asarray(rng.normal(size=(B, 28, 28, 3)), jnp.float32), None
+  if name == "audio":
+    return jnp.asarray(rng.normal(size=(B, 40, 16)), jnp.float32), jnp.ones((B, 40), bool)
+  return jnp.asarray(rng.integers(0, 16, (B,)), jnp.int32), None  # label
+
+
+@pytest.mark.parametrize("input_modality", ["text", "image", "audio", "label"])
+@pytest.mark.parametrize("target_modality", ["text", "label"])
+def test_shapes_every_modality_pair(model, input_modality, target_modality):
+  rng = np.random.default_rng(0)
+  inputs, mask = raw_inputs(input_modality, rng)
+  task = TaskSpec(input_modality, target_modality, command_id=1, num_classes=5)
+  targets = ids(rng, (B, T)) if target_modality == "text" else jnp.array([1, 4])
+  logits, aux = model(task, inputs, targets, mask, train=True, rngs=nnx.Rngs(dropout=0))
+  want = (B, T, 64) if target_modality == "text" else (B, 5)
+  assert logits.shape == want and logits.dtype == jnp.float32
+  assert "encoder" in aux and ("decoder" in aux) == (target_modality == "text")
+  loss, metrics = objective.loss_fn(model, task, dict(inputs=inputs, targets=targets,
+                                                      input_mask=mask), train=False)
+  assert np.isfinite(float(loss)) and float(metrics["weight"]) > 0
+
+
+def test_image_positions_follow_size(model):
+  """28x28 -> stride-2 conv -> one stride-2 block -> 7x7 positions; any size works."""
+  for size, positions in [(28, 49), (32, 64), (64, 256)]:
+    x, _ = model.modalities["image"].encode(jnp.zeros((1, size, size, 3)))
+    assert x.shape == (1, positions, 32)
+
+
+def test_padding_never_changes_real_positions(model):
+  """More source padding, more target padding: logits at real positions unchanged (eval)."""
+  rng = np.random.default_rng(1)
+  task = TaskSpec("text", "text", command_id=2)
+  src = np.asarray(ids(rng, (B, S)))
+  src[1, 6:] = 0  # the second example is shorter
+  tgt = np.asarray(ids(rng, (B, T)))
+  tgt[0, 5:] = 0
+  logits, _ = model(task, jnp.asarray(src), jnp.asarray(tgt))
+  src_pad = np.pad(src, ((0, 0), (0, 7)))
+  tgt_pad = np.pad(tgt, ((0, 0), (0, 4)))
+  logits_pad, _ = model(task, jnp.asarray(src_pad), jnp.asarray(tgt_pad))
+  real = tgt != 0
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(logits_pad)[:, :T][real],
+                             atol=2e-5)
+
+
+def test_audio_padding_never_changes_real_positions(model):
+  rng = np.random.default_rng(2)
+  task = TaskSpec("audio", "text", command_id=3)
+  frames = rng.normal(size=(B, 37, 16)).astype(np.float32)
+  mask = np.ones((B, 37), bool)
+  mask[1, 30:] = False
+  tgt = ids(rng, (B, T))
+  a, _ = model(task, jnp.asarray(frames * mask[..., None]), tgt, jnp.asarray(mask))
+  garbage = rng.normal(size=(B, 19, 16)).astype(np.float32)  # padding content must not matter
+  frames_pad = np.concatenate([frames * mask[..., None], garbage], axis=1)
+  frames_pad[1, 30:] = rng.normal(size=(26, 16))
+  mask_pad = np.pad(mask, ((0, 0), (0, 19)))
+  b, _ = model(task, jnp.asarray(frames_pad), tgt, jnp.asarray(mask_pad))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_causality(model):
+  """Changing target token t never changes logits at positions <= t."""
+  rng = np.random.default_rng(3)
+  task = TaskSpec("text", "text", command_id=1)
+  src, tgt = ids(rng, (B, S)), np.asarray(ids(rng, (B, T)))
+  base, _ = model(task, src, jnp.asarray(tgt))
+  for t in range(T):
+    changed = tgt.copy()
+    changed[:, t] = (changed[:, t] + 7) % 60 + 3
+    out, _ = model(task, src, jnp.asarray(changed))
+    np.testing.assert_allclose(np.asarray(out)[:, :t + 1], np.asarray(base)[:, :t + 1], atol=1e-5)
+    if t + 1 < T:  # and the change is seen later on
+      assert not np.allclose(np.asarray(out)[:, t + 1:], np.asarray(base)[:, t + 1:])
+
+
+@pytest.mark.parametrize("input_modality", ["text", "image", "audio"])
+def test_cached_decoding_equals_full_forward(model, input_modality):
+  rng = np.random.default_rng(4)
+  inputs, mask = raw_inputs(input_modality, rng)
+  task = TaskSpec(input_modality, "text", command_id=4)
+  tgt = ids(rng, (B, T))
+  full, _ = model(task, inputs, tgt, mask)
+  enc, enc_mask, _ = model.encode(task, inputs, mask)
+  state = model.init_decode_state(task, enc, enc_mask, max_length=T)
+  step = jax.jit(lambda st, tok, pos: model.decode_step(task, st, tok, pos))
+  prev = jnp.zeros((B,), jnp.int32)
+  for t in range(T):
+    logits, state = step(state, prev, jnp.int32(t))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, t]), atol=1e-4)
+    prev = tgt[:, t]
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(use_moe=False), dict(use_attention=False),
+                                       dict(dtype="bfloat16")])
+def test_gradients_finite_and_ablations(overrides):
+  m = MultiModel(small_config(**overrides), rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(5)
+  task = TaskSpec("text", "text", command_id=1)
+  batch = dict(inputs=ids(rng, (B, S)), targets=ids(rng, (B, T)))
+  graphdef, state = nnx.split(m)
+
+  @jax.jit
+  def grads(state):
+    def f(state):
+      return objective.loss_fn(nnx.merge(graphdef, state), task, batch, train=True,
+                               rngs=nnx.Rngs(dropout=0))[0]
+    return jax.grad(f)(state)
+
+  g = jax.tree.leaves(grads(state))
+  assert g and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+  assert sum(float(jnp.abs(x).sum()) for x in g) > 0
+
+
+def test_ablation_removes_modules():
+  full = MultiModel(small_config(), rngs=nnx.Rngs(0))
+  no_att = MultiModel(small_config(use_attention=False), rngs=nnx.Rngs(0))
+  no_moe = MultiModel(small_config(use_moe=False), rngs=nnx.Rngs(0))
+  names = lambda m: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  assert not any("attn" in n for n in names(no_att)) and any("attn" in n for n in names(full))
+  assert not any("experts/ffn/gate" in n for n in names(no_moe))
+
+
+def count_params(cfg) -> int:
+  """The parameter count from the architecture's formula (independent of the module code)."""
+  d, h, e, v = cfg.d_model, cfg.hidden, cfg.num_experts, cfg.vocab_size
+  k = cfg.kernel_size
+  ln = 2 * d
+  conv_block = 4 * (k * d + d * d + d + ln)
+  attention_block = 2 * 4 * d * d + 2 * ln  # self + cross: q, k, v, out each D x D
+  experts = e * (d * h + h + h * d + d) + 2 * d * e  # expert MLPs + gate and noise weights
+  experts_block = experts + ln
+  encoder = cfg.encoder_blocks * conv_block + experts_block
+  mixer = attention_block + cfg.mixer_blocks * conv_block
+  decoder = cfg.decoder_blocks * (conv_block + attention_block) + experts_block
+  text = v * d
+  label = cfg.num_labels * d + d * cfg.num_labels + cfg.num_labels
+  f, c = cfg.image.stem_filters, cfg.image.channels
+  image = 9 * c * f + f + 2 * f + 9 * f * 2 * f + 2 * f + 4 * f
+  widths = [2 * f * 2 ** (i + 1) for i in range(cfg.image.res_blocks)]
+  for i, o in zip([2 * f] + widths, widths):
+    image += (9 * i + i) + (i * o + o) + 2 * o  # separable conv 1 + layer norm
+    image += (9 * o + o) + (o * o + o) + 2 * o  # separable conv 2 + layer norm
+    image += i * o + o  # strided 1x1 shortcut
+  image += ([2 * f] + widths)[-1] * d + d
+  a = cfg.audio
+  audio, chans, mel = 0, [1] + [a.conv_filters] * a.conv_layers, a.num_mel_bins
+  for i, o in zip(chans[:-1], chans[1:]):
+    audio += 9 * i * o + o + 2 * o
+    mel = -(-mel // 2)
+  audio += mel * a.conv_filters * d + d
+  commands = cfg.num_commands * d
+  return encoder + mixer + decoder + text + label + image + audio + commands
+
+
+@pytest.mark.parametrize("config", [small_config(), paper.get_config().model])
+def test_parameter_count_matches_formula(config):
+  abstract = nnx.eval_shape(lambda: MultiModel(config, rngs=nnx.Rngs(0)))
+  actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  print(f"parameters (d_model={config.d_model}, experts={config.num_experts}): {actual:,}")
+  assert actual == count_params(config)
