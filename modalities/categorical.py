@@ -37,7 +37,7 @@ class Label(nnx.Module):
     """inputs int [B] or [B, S] -> ([B, S, D], None)."""
     del train, rngs
     ids = inputs[:, None] if inputs.ndim == 1 else inputs
-    emb = jnp.take(self.embedding.value, ids, axis=0) * self.d_model ** 0.5
+    emb = jnp.take(self.embedding[...], ids, axis=0) * self.d_model ** 0.5
     return emb.astype(self.dtype), input_mask
 
   def logits(self, pooled: Array, num_classes: int) -> Array:

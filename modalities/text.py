@@ -31,7 +31,7 @@ class Text(nnx.Module):
       self.output = nnx.Param(out_init(rngs.params(), (d_model, vocab_size), param_dtype))
 
   def _embed(self, ids: Array) -> Array:
-    emb = jnp.take(self.embedding.value, ids, axis=0)  # [B, L, D]
+    emb = jnp.take(self.embedding[...], ids, axis=0)  # [B, L, D]
     return (emb * self.d_model ** 0.5).astype(self.dtype)
 
   def encode(self, inputs: Array, input_mask: Array | None = None, *, train: bool = False,
@@ -48,10 +48,10 @@ class Text(nnx.Module):
     """h [B, T, D] -> float32 [B, T, V]."""
     del num_classes
     if self.output is None:
-      w = self.embedding.value.astype(self.dtype)  # [V, D]
+      w = self.embedding[...].astype(self.dtype)  # [V, D]
       return jnp.einsum("BTD,VD->BTV", h.astype(self.dtype), w).astype(jnp.float32)
     return jnp.einsum("BTD,DV->BTV", h.astype(self.dtype),
-                      self.output.value.astype(self.dtype)).astype(jnp.float32)
+                      self.output[...].astype(self.dtype)).astype(jnp.float32)
 
   def loss(self, logits: Array, targets: Array, weights: Array | None,
            label_smoothing: float) -> dict:

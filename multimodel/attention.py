@@ -63,28 +63,28 @@ class MultiHeadAttention(nnx.Module):
       return nnx.Param(init(rngs.params(), shape, param_dtype))
 
     qkv_axes = (sharding.EMBED, sharding.HEADS, None)
-    self.query, self.key, self.value = proj(qkv_axes), proj(qkv_axes), proj(qkv_axes)
+    self.wq, self.wk, self.wv = proj(qkv_axes), proj(qkv_axes), proj(qkv_axes)
     out_init = nnx.with_partitioning(
         nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2),
         (sharding.HEADS, None, sharding.EMBED))
-    self.out = nnx.Param(out_init(rngs.params(), (num_heads, self.head_dim, features), param_dtype))
+    self.wo = nnx.Param(out_init(rngs.params(), (num_heads, self.head_dim, features), param_dtype))
 
   def project_kv(self, memory: Array) -> tuple[Array, Array]:
     """memory [B, S, D] -> keys, values [B, S, H, d]."""
     m = memory.astype(self.dtype)
-    k = jnp.einsum("BSD,DHd->BSHd", m, self.key.value.astype(self.dtype))
-    v = jnp.einsum("BSD,DHd->BSHd", m, self.value.value.astype(self.dtype))
+    k = jnp.einsum("BSD,DHd->BSHd", m, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("BSD,DHd->BSHd", m, self.wv[...].astype(self.dtype))
     return k, v
 
   def attend(self, x: Array, k: Array, v: Array, mask: Array | None) -> Array:
     """x [B, T, D] queries over k, v [B, S, H, d]; mask bool broadcastable to [B, T, S]."""
-    q = jnp.einsum("BTD,DHd->BTHd", x.astype(self.dtype), self.query.value.astype(self.dtype))
+    q = jnp.einsum("BTD,DHd->BTHd", x.astype(self.dtype), self.wq[...].astype(self.dtype))
     logits = jnp.einsum("BTHd,BSHd->BHTS", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
     if mask is not None:
       logits = jnp.where(mask[:, None], logits, NEG_INF)  # [B, H, T, S]
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     ctx = jnp.einsum("BHTS,BSHd->BTHd", weights, v)  # [B, T, H, d]
-    return jnp.einsum("BTHd,HdD->BTD", ctx, self.out.value.astype(self.dtype))
+    return jnp.einsum("BTHd,HdD->BTD", ctx, self.wo[...].astype(self.dtype))
 
   def __call__(self, x: Array, memory: Array, mask: Array | None = None) -> Array:
     k, v = self.project_kv(memory)

@@ -47,7 +47,7 @@ class SeparableConv(nnx.Module):
 
   def _taps(self, padded: Array, length: int) -> Array:
     """Sum over taps of shifted inputs: padded [B, L + receptive, D] -> [B, L, D]."""
-    w = self.depthwise.value.astype(self.dtype)  # [k, D]
+    w = self.depthwise[...].astype(self.dtype)  # [k, D]
     out = 0.0
     for j in range(self.kernel_size):  # k is 3 to 5: a few shifted multiply-adds.
       start = j * self.dilation
@@ -63,7 +63,7 @@ class SeparableConv(nnx.Module):
 
   def init_state(self, batch: int, dtype=None) -> Array:
     """Decoding state: the last `receptive` inputs, zeros before the sequence starts."""
-    return jnp.zeros((batch, self.receptive, self.depthwise.value.shape[1]), dtype or self.dtype)
+    return jnp.zeros((batch, self.receptive, self.depthwise[...].shape[1]), dtype or self.dtype)
 
   def step(self, x: Array, state: Array) -> tuple[Array, Array]:
     """One causal position: x [B, 1, D_in], state [B, r, D_in] -> ([B, 1, D_out], new state)."""

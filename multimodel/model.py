@@ -189,7 +189,7 @@ class MultiModel(nnx.Module):
 
   def command(self, task: TaskSpec) -> Array:
     """The command token's embedding, [D]."""
-    return self.commands.value[task.command_id].astype(self.dtype)
+    return self.commands[...][task.command_id].astype(self.dtype)
 
   def encode(self, task: TaskSpec, inputs: Array, input_mask: Array | None = None, *,
              train: bool = False, rngs: nnx.Rngs | None = None):

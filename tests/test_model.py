@@ -71,9 +71,9 @@ def test_padding_never_changes_real_positions(model):
   """More source padding, more target padding: logits at real positions unchanged (eval)."""
   rng = np.random.default_rng(1)
   task = TaskSpec("text", "text", command_id=2)
-  src = np.asarray(ids(rng, (B, S)))
+  src = np.array(ids(rng, (B, S)))
   src[1, 6:] = 0  # the second example is shorter
-  tgt = np.asarray(ids(rng, (B, T)))
+  tgt = np.array(ids(rng, (B, T)))
   tgt[0, 5:] = 0
   logits, _ = model(task, jnp.asarray(src), jnp.asarray(tgt))
   src_pad = np.pad(src, ((0, 0), (0, 7)))
@@ -104,7 +104,7 @@ def test_causality(model):
   """Changing target token t never changes logits at positions <= t."""
   rng = np.random.default_rng(3)
   task = TaskSpec("text", "text", command_id=1)
-  src, tgt = ids(rng, (B, S)), np.asarray(ids(rng, (B, T)))
+  src, tgt = ids(rng, (B, S)), np.array(ids(rng, (B, T)))
   base, _ = model(task, src, jnp.asarray(tgt))
   for t in range(T):
     changed = tgt.copy()
