@@ -1,0 +1,238 @@
+"""Tasks: a data source + preprocessing + input/target modality + command token + metrics + weight.
+
+A task is static Python data. `TASKS` holds every registered task by name: the embedded tasks
+(built offline by `python -m data.prepare` from the project's own TFDS builders) and the public TFDS
+catalogue tasks (downloaded by TFDS on first use, for users with internet). Adding a task is one
+`register` call; nothing in the model changes (see `docs/adding_a_task.md`).
+"""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+from data import preprocess as pp
+
+INPUT_MODALITIES = ("text", "image", "audio", "label")
+TARGET_MODALITIES = ("text", "label")
+
+# Command tokens, append-only: a command's id is its index (it selects a row of the model's
+# command-token embedding, so reordering would change what trained checkpoints mean).
+COMMANDS = (
+    "to_label",  # Classify: the target is a class index.
+    "to_en",  # Produce English text (translation into English, speech transcription).
+    "to_fr",
+    "to_de",
+    "to_caption",  # Describe a picture in English.
+    "to_parse",  # Linearised constituency tree of an English sentence.
+    "to_text",  # Any other text output (tasks of your own).
+)
+
+DEFAULT_SPLITS = {"train": "train", "eval": "validation", "test": "test"}
+
+Preprocess = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def command_id(name: str) -> int:
+  """Index of a command token in `COMMANDS`."""
+  try:
+    return COMMANDS.index(name)
+  except ValueError:
+    raise KeyError(f"Unknown command {name!r}; valid commands: {COMMANDS}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+  """Preprocess that picks `inputs` and `targets` out of a raw example by feature name.
+
+  Nested features are reached with "/" ("captions/text"); `first_target` takes element 0 of a
+  sequence feature (COCO's first caption); `lower_target` lowercases a text target.
+  """
+
+  inputs: str
+  targets: str
+  first_target: bool = False
+  lower_target: bool = False
+
+  def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
+    targets = _lookup(example, self.targets)
+    if self.first_target:
+      targets = targets[0] if len(targets) else ""
+    if self.lower_target:
+      targets = pp.as_text(targets).lower()
+    return {"inputs": _lookup(example, self.inputs), "targets": targets}
+
+
+def _lookup(example: Mapping[str, Any], key: str) -> Any:
+  if key in example:
+    return example[key]
+  value = example
+  for part in key.split("/"):
+    value = value[part]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task. Lengths count tokens for text and 10 ms frames for audio.
+
+  Attributes:
+    name: registry key.
+    source: TFDS name of the data ("translate_en_fr", "wmt14_translate/de-en").
+    preprocess: raw TFDS example -> {"inputs": ..., "targets": ...} raw values: image uint8
+      [H, W, C], text str, waveform [N] (int16 or float in [-1, 1]) at `sample_rate`, int label.
+    input_modality: one of `INPUT_MODALITIES`.
+    target_modality: one of `TARGET_MODALITIES`.
+    command: name of the command token (in `COMMANDS`).
+    metrics: names of the evaluation metrics ("accuracy", "bleu", "wer", ...).
+    splits: TFDS split names for the keys "train", "eval" (evaluation during training) and "test".
+    num_classes: number of classes of a label target (0 for text targets).
+    weight: default sampling weight multiplier in a mixture.
+    embedded: True when the data is built offline by `python -m data.prepare` into
+      `data.paths.tfds_dir()`; False for TFDS catalogue datasets (TFDS downloads them when first
+      read).
+    max_input_length: cap of a text or audio input; longer training examples are skipped (with a
+      label target, the input is cut to the cap instead).
+    max_target_length: cap of a text target, EOS included.
+    image_size: images are resized and centre-cropped to this square size (required with image
+      inputs; sources whose images already have this size pass through untouched).
+    sample_rate: rate of the waveform `preprocess` returns (resampled to the features' rate).
+    input_buckets: bucket lengths of the inputs (None: the pipeline's defaults for the modality).
+    target_buckets: bucket lengths of text targets (None: the pipeline's defaults).
+    batch_size: fixed batch size (None: by tokens for sequences, the image batch size for images).
+  """
+
+  name: str
+  source: str
+  preprocess: Preprocess
+  input_modality: str
+  target_modality: str
+  command: str
+  metrics: tuple[str, ...]
+  splits: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPLITS))
+  num_classes: int = 0
+  weight: float = 1.0
+  embedded: bool = False
+  max_input_length: int = 256
+  max_target_length: int = 256
+  image_size: int | None = None
+  sample_rate: int = 16000
+  input_buckets: tuple[int, ...] | None = None
+  target_buckets: tuple[int, ...] | None = None
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    if self.input_modality not in INPUT_MODALITIES:
+      raise ValueError(f"task {self.name!r}: input_modality {self.input_modality!r} not in "
+                       f"{INPUT_MODALITIES}")
+    if self.target_modality not in TARGET_MODALITIES:
+      raise ValueError(f"task {self.name!r}: target_modality {self.target_modality!r} not in "
+                       f"{TARGET_MODALITIES}")
+    command_id(self.command)
+    if self.target_modality == "label" and self.num_classes < 2:
+      raise ValueError(f"task {self.name!r}: a label target needs num_classes >= 2")
+    if self.input_modality == "label" and self.num_classes < 2:
+      raise ValueError(f"task {self.name!r}: a label input needs num_classes >= 2")
+    missing = {"train", "eval"} - set(self.splits)
+    if missing:
+      raise ValueError(f"task {self.name!r}: splits lacks {sorted(missing)}")
+    if self.input_modality == "image" and not self.image_size:
+      raise ValueError(f"task {self.name!r}: image inputs need image_size")
+    if self.weight < 0:
+      raise ValueError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
+
+  @property
+  def command_id(self) -> int:
+    return command_id(self.command)
+
+  def split(self, key: str) -> str:
+    """TFDS split name of "train", "eval" or "test" (or a TFDS split name, returned as is)."""
+    return self.splits.get(key, key)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task, *, replace: bool = False) -> Task:
+  """Adds `task` to `TASKS`; a second task of the same name is an error unless `replace`."""
+  if task.name in TASKS and not replace and TASKS[task.name] != task:
+    raise ValueError(f"A task named {task.name!r} is already registered")
+  TASKS[task.name] = task
+  return task
+
+
+def get(name: str) -> Task:
+  """The registered task called `name`; an unknown name fails with the list of valid ones."""
+  try:
+    return TASKS[name]
+  except KeyError:
+    raise KeyError(f"Unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def resolve(names: str | list[str] | tuple[str, ...]) -> list[Task]:
+  """Tasks of a comma-separated string or a list of names, checked all at once."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = [n for n in names if n not in TASKS]
+  if unknown:
+    raise KeyError(f"Unknown task(s) {unknown}; valid tasks: {', '.join(sorted(TASKS))}")
+  return [TASKS[n] for n in names]
+
+
+def embedded_tasks() -> list[Task]:
+  """The tasks built offline by `python -m data.prepare`, by name."""
+  return [t for _, t in sorted(TASKS.items()) if t.embedded]
+
+
+def installed_tasks() -> list[Task]:
+  """The embedded tasks whose prepared data exists in `data.paths.tfds_dir()`."""
+  from data import sources  # pylint: disable=import-outside-toplevel
+  return [t for t in embedded_tasks() if sources.is_prepared(t)]
+
+
+_IMAGE_METRICS = ("accuracy", "top5")
+_TRANSLATE_METRICS = ("bleu", "chrf")
+_SPEECH_METRICS = ("wer", "cer")
+
+# Embedded tasks (builders in `data/builders/`).
+register(Task("image_mnist5k", "image_mnist5k", Fields("image", "label"), "image", "label",
+              "to_label", _IMAGE_METRICS, num_classes=10, embedded=True, image_size=28))
+register(Task("image_fashion", "image_fashion", Fields("image", "label"), "image", "label",
+              "to_label", _IMAGE_METRICS, num_classes=10, embedded=True, image_size=28))
+for _src, _tgt in (("en", "fr"), ("fr", "en"), ("en", "de"), ("de", "en")):
+  _pair = "en_fr" if "fr" in (_src, _tgt) else "en_de"
+  register(Task(f"translate_{_src}_{_tgt}", f"translate_{_pair}", Fields(_src, _tgt), "text",
+                "text", f"to_{_tgt}", _TRANSLATE_METRICS, embedded=True, max_input_length=128,
+                max_target_length=128))
+register(Task("speech_en", "speech_en", Fields("audio", "text"), "audio", "text", "to_en",
+              _SPEECH_METRICS, embedded=True, max_input_length=1024, max_target_length=128))
+register(Task("caption_stamps", "caption_stamps", Fields("image", "caption"), "image", "text",
+              "to_caption", ("bleu", "chrf"), embedded=True, image_size=64, max_target_length=32))
+register(Task("parse_en", "parse_en", Fields("sentence", "tree"), "text", "text", "to_parse",
+              ("exact_match", "bracket_f1"), embedded=True, max_input_length=64,
+              max_target_length=256, input_buckets=(16, 16, 32, 64),
+              target_buckets=(32, 64, 128, 256)))
+register(Task("sentiment_reviews", "sentiment_reviews", Fields("text", "label"), "text", "label",
+              "to_label", ("accuracy",), num_classes=2, embedded=True, max_input_length=256))
+
+# Public TFDS catalogue tasks (need internet on first use; imagenet2012 needs a manual download).
+_CATALOGUE_SPLITS = {"train": "train", "eval": "test", "test": "test"}
+register(Task("mnist", "mnist", Fields("image", "label"), "image", "label", "to_label",
+              _IMAGE_METRICS, splits=_CATALOGUE_SPLITS, num_classes=10, image_size=28))
+register(Task("cifar10", "cifar10", Fields("image", "label"), "image", "label", "to_label",
+              _IMAGE_METRICS, splits=_CATALOGUE_SPLITS, num_classes=10, image_size=32))
+register(Task("imagenet2012", "imagenet2012", Fields("image", "label"), "image", "label",
+              "to_label", _IMAGE_METRICS, num_classes=1000, image_size=64,
+              splits={"train": "train", "eval": "validation", "test": "validation"}))
+for _src, _tgt in (("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en")):
+  _other = _tgt if _src == "en" else _src
+  register(Task(f"wmt14_translate_{_src}_{_tgt}", f"wmt14_translate/{_other}-en",
+                Fields(_src, _tgt), "text", "text", f"to_{_tgt}", _TRANSLATE_METRICS,
+                max_input_length=128, max_target_length=128))
+register(Task("coco_captions", "coco_captions",
+              Fields("image", "captions/text", first_target=True), "image", "text", "to_caption",
+              ("bleu", "chrf"), image_size=64, max_target_length=64,
+              splits={"train": "train", "eval": "val", "test": "test"}))
+register(Task("librispeech", "librispeech", Fields("speech", "text", lower_target=True), "audio",
+              "text", "to_en", _SPEECH_METRICS, max_input_length=2048, max_target_length=256,
+              splits={"train": "train_clean100", "eval": "dev_clean", "test": "test_clean"}))
+del _src, _tgt, _pair, _other

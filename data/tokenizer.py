@@ -1,0 +1,119 @@
+"""The one SentencePiece vocabulary shared by every text task: pad=0, eos=1, unk=2, no bos.
+
+A unigram model of about 8k pieces (the paper's subword vocabulary size), trained deterministically
+on the text of all text tasks (`python -m data.prepare` does it) with byte fallback, so that any
+UTF-8 string round-trips: `decode(encode(s)) == s` for every string without leading, trailing or
+repeated whitespace. The serialized model proto (`to_bytes`) travels inside checkpoints and exports.
+
+Shape legend: L any sequence length.
+"""
+
+from collections.abc import Iterable, Sequence
+import io
+import pathlib
+
+import numpy as np
+import sentencepiece as spm
+
+from data import paths
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+VOCAB_SIZE = 8192  # The paper's 8k subword units; `config.model.vocab_size` must be >= this.
+SEED = 0
+NUM_THREADS = 2  # Fixed: the unigram E-step sums per thread, so the count is part of the result.
+MAX_SENTENCES = 2_000_000  # The first this many sentences train the model (no shuffling).
+
+
+class Tokenizer:
+  """Encodes text into SentencePiece ids and back."""
+
+  def __init__(self, model_proto: bytes):
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id()) != (
+        PAD_ID, EOS_ID, UNK_ID, -1):
+      raise ValueError("SentencePiece model must have pad=0, eos=1, unk=2 and no bos")
+
+  @classmethod
+  def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
+    """The tokenizer of a serialized model proto (as stored in checkpoints and exports)."""
+    return cls(model_proto)
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path | None = None) -> "Tokenizer":
+    """Reads the model at `path` (default: `data.paths.tokenizer_path()`)."""
+    path = pathlib.Path(path or paths.tokenizer_path())
+    if not path.is_file():
+      raise FileNotFoundError(
+          f"No tokenizer at {path}: run `python -m data.prepare` (it trains one on the text tasks)")
+    return cls(path.read_bytes())
+
+  def to_bytes(self) -> bytes:
+    """The serialized model proto."""
+    return self._proto
+
+  def save(self, path: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Writes the model proto to `path` (default: `data.paths.tokenizer_path()`); returns it."""
+    path = pathlib.Path(path or paths.tokenizer_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(self._proto)
+    tmp.replace(path)
+    return path
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of pieces (ids are in [0, vocab_size))."""
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, without EOS."""
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of `ids` [L]: stops at the first EOS, ignores padding and ids outside the vocabulary."""
+    pieces = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i == EOS_ID:
+        break
+      if i != PAD_ID and 0 <= i < self.vocab_size:
+        pieces.append(i)
+    return self._sp.decode(pieces)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Tokenizer) and self._proto == other._proto
+
+  def __hash__(self) -> int:
+    return hash(self._proto)
+
+
+def train(sentences: Iterable[str], vocab_size: int = VOCAB_SIZE, seed: int = SEED) -> Tokenizer:
+  """Trains the shared unigram model on `sentences`, deterministically.
+
+  The same sentences in the same order give the same model bytes: the first `MAX_SENTENCES` are
+  used without shuffling, the thread count is fixed and SentencePiece's generator is seeded.
+  `vocab_size` is a soft limit: a small corpus (tests, tiny builds) yields fewer pieces.
+  """
+  spm.set_random_generator_seed(seed)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=(s for s in sentences if s and not s.isspace()),
+      model_writer=model,
+      model_type="unigram",
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      byte_fallback=True,
+      character_coverage=0.9999,
+      normalization_rule_name="identity",
+      input_sentence_size=MAX_SENTENCES,
+      shuffle_input_sentence=False,
+      num_threads=NUM_THREADS,
+      minloglevel=2,
+  )
+  return Tokenizer(model.getvalue())

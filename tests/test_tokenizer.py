@@ -1,0 +1,96 @@
+"""The shared SentencePiece tokenizer: special ids, round-trips of real text, determinism, bytes."""
+
+import pytest
+
+from data import prepare
+from data import preprocess
+from data import sources
+from data import tasks
+from data import tokenizer as tokenizer_lib
+from tests import tiny_data
+
+# (task, raw feature) pairs covering every language and kind of text of the embedded tasks.
+TEXTS = {
+    "en": ("translate_en_fr", "en"),
+    "fr": ("translate_en_fr", "fr"),
+    "de": ("translate_en_de", "de"),
+    "transcript": ("speech_en", "text"),
+    "sentence": ("parse_en", "sentence"),
+    "tree": ("parse_en", "tree"),
+}
+
+
+@pytest.fixture(name="tok")
+def fixture_tok(monkeypatch):
+  tiny_data.use(monkeypatch)
+  return tokenizer_lib.Tokenizer.load()
+
+
+def _real_texts(task_name: str, feature: str, split: str = "test") -> list[str]:
+  source = sources.open_split(tasks.get(task_name), split)
+  return [preprocess.as_text(source[i][feature]) for i in range(len(source))]
+
+
+def test_special_ids(tok):
+  assert (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.UNK_ID) == (0, 1, 2)
+  assert 300 < tok.vocab_size <= tokenizer_lib.VOCAB_SIZE
+  ids = tok.encode("In the beginning")
+  assert ids and all(3 <= i < tok.vocab_size for i in ids)  # No EOS, no pad, no unk.
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTS))
+def test_round_trips_real_text_never_seen_in_training(tok, kind):
+  texts = _real_texts(*TEXTS[kind])  # The test split: the tokenizer trained on train only.
+  assert texts
+  for text in texts:
+    normalised = " ".join(text.split())
+    ids = tok.encode(text)
+    assert tokenizer_lib.UNK_ID not in ids, text
+    assert tok.decode(ids) == normalised
+
+
+def test_round_trips_unseen_characters_through_bytes(tok):
+  text = "Größe: 42 € — 東京 🙂 naïve café"
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_decode_stops_at_eos_and_ignores_padding(tok):
+  ids = tok.encode("Dieu dit: Que la lumière soit!")
+  text = tok.decode(ids)
+  assert tok.decode(ids + [tokenizer_lib.EOS_ID] + ids) == text
+  assert tok.decode([0] + ids[:2] + [0, 0] + ids[2:] + [1, 0, 0]) == text
+  assert tok.decode([tok.vocab_size + 5] + ids) == text  # Ids past the vocabulary are dropped.
+  assert tok.decode([tokenizer_lib.EOS_ID]) == ""
+
+
+def test_bytes_round_trip(tok, tmp_path):
+  again = tokenizer_lib.Tokenizer.from_bytes(tok.to_bytes())
+  assert again == tok and again.vocab_size == tok.vocab_size
+  sentence = "And God said, Let there be light: and there was light."
+  assert again.encode(sentence) == tok.encode(sentence)
+  path = again.save(tmp_path / "spm.model")
+  assert tokenizer_lib.Tokenizer.load(path) == tok
+
+
+def test_training_is_deterministic(monkeypatch):
+  tiny_data.use(monkeypatch)
+  corpus = _real_texts("translate_en_fr", "en", "train") + _real_texts("parse_en", "tree", "train")
+  first = tokenizer_lib.train(corpus, vocab_size=500)
+  second = tokenizer_lib.train(list(corpus), vocab_size=500)
+  assert first.to_bytes() == second.to_bytes()
+  assert first.vocab_size <= 500
+
+
+def test_trained_on_the_text_of_every_text_task(tok, monkeypatch):
+  tiny_data.use(monkeypatch)
+  text_tasks = [t for t in tasks.installed_tasks() if "text" in (t.input_modality,
+                                                                t.target_modality)]
+  assert {t.source for t in text_tasks} == {"translate_en_fr", "translate_en_de", "speech_en",
+                                            "parse_en"}
+  again = tokenizer_lib.train(prepare.tokenizer_corpus(text_tasks))
+  assert again == tok  # What `data.prepare` stored is this deterministic model.
+
+
+def test_missing_model_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data.prepare"):
+    tokenizer_lib.Tokenizer.load(tmp_path / "nothing.model")
