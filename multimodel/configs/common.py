@@ -47,27 +47,67 @@ MODEL = dict(
 )
 
 
+TRAIN = dict(
+    seed=0,
+    steps=1000,
+    step_mode="one_task",  # "one_task": one task per step (the paper); "all_tasks": weighted sum.
+    learning_rate=0.2,  # Multiplier of the noam schedule.
+    warmup_steps=4000,
+    adam_b1=0.85,
+    adam_b2=0.997,
+    adam_eps=1e-6,
+    clip_norm=2.0,
+    log_every=20,  # Steps between metrics.jsonl / TensorBoard records.
+    checkpoint_every=200,
+    keep_checkpoints=3,
+    max_nonfinite_in_row=20,  # Skipped steps in a row (non-finite loss or gradient) before stopping.
+    eval_split="test",  # Split of the final per-task evaluation.
+    eval_max_examples=1000,  # Per task, in the final evaluation (0 = the whole split).
+    eval_decode="greedy",  # Decoding of sequence tasks in the final evaluation ("none" skips it).
+    mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
+    mesh_expert=1,  # Devices along the expert axis.
+    plot=True,  # Write PNG plots into the workdir at the end.
+)
+
+DATA = dict(
+    tasks="installed",  # Comma-separated task names, or "installed" (every prepared embedded task).
+    mixture="temperature",  # uniform | proportional | temperature | adaptive
+    temperature=2.0,
+    adaptive_tau=1.0,  # p ~ exp(recent loss / tau) for the adaptive mixture.
+    adaptive_decay=0.9,  # Weight of the previous average in the adaptive mixture's loss average.
+    weights="",  # Per-task multipliers of the sampling rate: "task=2.0,task=0.5".
+    tokens_per_batch=2048,
+    batch_multiple=8,
+    image_batch_size=32,
+    text_buckets=(16, 32, 64, 128, 256),
+    audio_buckets=(128, 256, 512, 1024, 2048),
+    imports="",  # Comma-separated modules to import first (they register custom tasks).
+    data_dir="",  # Prepared data; "" means $MULTIMODEL_DATA_DIR or ~/.cache/multimodel.
+)
+
+
+def _update(section: dict, overrides: dict, where: str):
+  for key, value in overrides.items():
+    if key not in section:
+      raise KeyError(f"Unknown config key {where}.{key}; valid keys: {sorted(section)}")
+    if isinstance(value, dict):
+      _update(section[key], value, f"{where}.{key}")
+    else:
+      section[key] = value
+
+
 def make(model=None, train=None, data=None):
   """Returns the locked config: defaults updated by the variant's overrides.
 
   Args:
     model: overrides of `MODEL` (nested dicts update nested sections).
-    train: the training section (issue-level defaults live with the trainer).
-    data: the data section.
+    train: overrides of `TRAIN`.
+    data: overrides of `DATA`.
   """
-  model_cfg = copy.deepcopy(MODEL)
-  for key, value in (model or {}).items():
-    if key not in model_cfg:
-      raise KeyError(f"Unknown model config key {key!r}; valid keys: {sorted(model_cfg)}")
-    if isinstance(value, dict):
-      unknown = set(value) - set(model_cfg[key])
-      if unknown:
-        raise KeyError(f"Unknown keys {sorted(unknown)} in model.{key}; valid: {sorted(model_cfg[key])}")
-      model_cfg[key].update(value)
-    else:
-      model_cfg[key] = value
-  config = ml_collections.ConfigDict(
-      {"model": model_cfg, "train": dict(train or {}), "data": dict(data or {})}
-  )
+  sections = {"model": copy.deepcopy(MODEL), "train": copy.deepcopy(TRAIN),
+              "data": copy.deepcopy(DATA)}
+  for name, overrides in (("model", model), ("train", train), ("data", data)):
+    _update(sections[name], overrides or {}, name)
+  config = ml_collections.ConfigDict(sections)
   config.lock()
   return config

@@ -1,0 +1,113 @@
+"""Per-task evaluation of a jointly trained model: one task at a time.
+
+Teacher-forced metrics for every task (the paper's measures): per-token log-perplexity and
+accuracy; top-1/top-5 for classification. Sequence tasks are also decoded (greedy or beam) and
+scored with the task's own metrics (BLEU, chrF, WER, CER, exact match, bracket F1).
+"""
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data import pipeline, preprocess, sources
+from data.buckets import InputConfig
+from data.tasks import Task
+from data.tokenizer import Tokenizer
+from multimodel import objective
+from multimodel.model import TaskSpec
+
+
+def task_spec(task: Task) -> TaskSpec:
+  return TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
+
+
+def _model_keys(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "example_index"}
+
+
+def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
+                  input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
+                  decode: str = "greedy", beam_size: int = 4) -> dict:
+  """Metrics of one task on `split` (its first `max_examples`, 0 = all) and decoded outputs."""
+  spec = task_spec(task)
+
+  @jax.jit
+  def sums(params, batch):
+    _, metrics = objective.loss_fn(nnx.merge(graphdef, params), spec, batch, train=False)
+    keys = ("nll", "correct", "weight", "correct_top5")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+  totals, decoded, start = {}, [], time.time()
+  decoder = None
+  if decode != "none" and task.target_modality == "text":
+    from multimodel import decode as decode_lib  # Decoding is only needed for sequence targets.
+    decoder = decode_lib.make_decoder(graphdef, spec, method=decode, beam_size=beam_size,
+                                      max_length=task.max_target_length)
+  source = sources.open_split(task, split) if decoder is not None else None
+  for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
+                                     max_examples=max_examples or None):
+    for k, v in jax.device_get(sums(params, _model_keys(batch))).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    if decoder is not None:
+      tokens = np.asarray(decoder(params, batch["inputs"], batch.get("input_mask")))
+      for row, index in enumerate(batch["example_index"]):
+        if index >= 0:
+          reference = preprocess.as_text(task.preprocess(source[int(index)])["targets"])
+          decoded.append({"index": int(index), "prediction": tokenizer.decode(tokens[row]),
+                          "reference": reference})
+  weight = max(totals.get("weight", 0.0), 1.0)
+  results = {"log_perplexity": totals.get("nll", math.nan) / weight,
+             "token_accuracy": totals.get("correct", math.nan) / weight,
+             "examples": int(totals.get("weight", 0)) if task.target_modality == "label" else None}
+  if task.target_modality == "label":
+    results["accuracy"] = results["token_accuracy"]
+    results["top5"] = totals.get("correct_top5", math.nan) / weight
+  if decoded:
+    from multimodel import metrics as metrics_lib
+    decoded.sort(key=lambda d: d["index"])
+    hyps, refs = [d["prediction"] for d in decoded], [d["reference"] for d in decoded]
+    for name in task.metrics:
+      if name in metrics_lib.SEQUENCE_METRICS:
+        results[name] = metrics_lib.SEQUENCE_METRICS[name](hyps, refs)
+    results["examples"] = len(decoded)
+  results["seconds"] = time.time() - start
+  results["decoded"] = decoded
+  return results
+
+
+def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, split="test",
+                   max_examples=0, decode="greedy", workdir=None) -> dict:
+  """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task."""
+  results = {}
+  for task in task_list:
+    results[task.name] = evaluate_task(graphdef, params, task, tokenizer, input_config,
+                                       split=split, max_examples=max_examples, decode=decode)
+    if workdir is not None:
+      out = pathlib.Path(workdir) / "eval" / f"{task.name}-{split}.json"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps({"task": task.name, "split": split, **results[task.name]},
+                                indent=1) + "\n")
+  return results
+
+
+HEADLINE = ("accuracy", "top5", "bleu", "chrf", "wer", "cer", "exact_match", "bracket_f1",
+            "token_accuracy", "log_perplexity")
+
+
+def format_table(results: dict) -> str:
+  """One table: task, metric, value (the task's own metrics first, then the paper's)."""
+  rows = [("task", "metric", "value")]
+  for task, metrics in results.items():
+    for name in HEADLINE:
+      value = metrics.get(name)
+      if isinstance(value, float) and not math.isnan(value):
+        rows.append((task, name, f"{value:.4f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)

@@ -1,0 +1,422 @@
+"""Joint training: `train_and_evaluate(config, workdir)`.
+
+One function in banner sections (mesh, workdir, input, model and optimizer, update step, resume,
+loop, final evaluation). The update step is a pure jitted function of (state, batch, rng) with
+donated state and explicit shardings; the loss is `objective.loss_fn`, shared with evaluation.
+
+Resume order: the workdir's latest checkpoint, then `init` (weights only), then scratch.
+"""
+
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+import pathlib
+import signal
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from data import mixture as mixture_lib
+from data import tasks as tasks_lib
+from data.buckets import InputConfig
+from data.tokenizer import Tokenizer
+from multimodel import checkpoint, evaluation, objective, optim, sharding, writer
+from multimodel.model import MultiModel, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def task_spec(task: tasks_lib.Task) -> TaskSpec:
+  return TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices.
+
+def maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when a cluster launcher's variables are set."""
+  cluster_vars = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                  "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+  if any(v in os.environ for v in cluster_vars) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def make_mesh(train_cfg) -> jax.sharding.Mesh:
+  """Mesh with axes ("data", "expert") over every device."""
+  devices = jax.devices()
+  expert = train_cfg.mesh_expert
+  data = train_cfg.mesh_data if train_cfg.mesh_data > 0 else len(devices) // expert
+  if data * expert != len(devices):
+    raise ValueError(f"mesh data={data} x expert={expert} does not cover the {len(devices)} devices")
+  # Auto axes: XLA propagates shardings inside the step from the explicit in/out shardings.
+  return jax.make_mesh((data, expert), ("data", "expert"), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def param_shardings(abstract_params, mesh, rules=sharding.DEFAULT_RULES):
+  """NamedShardings of the parameters from their logical axes and the rules."""
+  with nnx.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(abstract_params)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
+  """Host arrays -> global arrays split along the batch axis over "data"."""
+  data_sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The update step.
+
+def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array, *,
+               graphdef, tx: optax.GradientTransformation,
+               tasks: tuple[tuple[str, TaskSpec], ...]) -> tuple[dict, dict]:
+  """One optimizer step on the weighted sum of the losses of `tasks` (one task: weight 1).
+
+  A step whose loss or gradient is not finite leaves params and optimizer state unchanged and
+  counts itself in `state["skipped"]`.
+  """
+
+  def total_loss(params):
+    model = nnx.merge(graphdef, params)
+    total, metrics = 0.0, {}
+    for i, (name, spec) in enumerate(tasks):
+      loss, metrics[name] = objective.loss_fn(
+          model, spec, batches[name], train=True,
+          rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)))
+      total = total + weights[i] * loss
+    return total, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = dict(state, params=keep(params, state["params"]),
+                   opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1,
+                   skipped=state["skipped"] + (~finite).astype(jnp.int32))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side bookkeeping of metrics between log steps.
+
+@dataclasses.dataclass
+class _Window:
+  """Sums of per-task metrics since the last log step."""
+
+  sums: dict = dataclasses.field(default_factory=dict)
+  examples: int = 0
+  start: float = dataclasses.field(default_factory=time.time)
+
+  def add(self, task_metrics: dict, examples: int) -> None:
+    self.examples += examples
+    for task, m in task_metrics.items():
+      s = self.sums.setdefault(task, {"steps": 0, "loss": 0.0, "nll": 0.0, "correct": 0.0,
+                                      "weight": 0.0, "moe_loss": 0.0, "load": {}})
+      s["steps"] += 1
+      s["loss"] += float(m["task_loss"])
+      s["moe_loss"] += float(m["moe_loss"])
+      for key in ("nll", "correct", "weight"):
+        s[key] += float(m[key])
+      for layer, load in m["expert_load"].items():
+        s["load"][layer] = s["load"].get(layer, 0.0) + np.asarray(load, np.float64)
+
+  def record(self) -> dict:
+    seconds = max(time.time() - self.start, 1e-9)
+    out = {"examples_per_second": self.examples / seconds, "loss": {}, "log_perplexity": {},
+           "token_accuracy": {}, "moe_loss": {}, "expert_load": {}, "steps": {}}
+    for task, s in self.sums.items():
+      n, w = s["steps"], max(s["weight"], 1.0)
+      out["loss"][task] = s["loss"] / n
+      out["log_perplexity"][task] = s["nll"] / w
+      out["token_accuracy"][task] = s["correct"] / w
+      out["moe_loss"][task] = s["moe_loss"] / n
+      out["steps"][task] = n
+      out["expert_load"][task] = {k: (v / n).round(5).tolist() for k, v in s["load"].items()}
+    return out
+
+
+def _examples(batches: dict) -> int:
+  return sum(len(b["targets"]) for b in batches.values())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str, *, init: str | None = None,
+                       mixture: mixture_lib.Mixture | None = None,
+                       progress: bool = True) -> dict:
+  """Trains `config` in `workdir` (resuming it if it holds a run); returns the final results.
+
+  Args:
+    config: a locked project config (see `multimodel/configs`).
+    workdir: everything of the run goes here: config, checkpoints, metrics, plots, eval.
+    init: a checkpoint (or workdir) to warm-start the weights from, when `workdir` is new.
+    mixture: a ready input mixture (tests, custom data); by default built from `config.data`.
+    progress: show a progress bar.
+  """
+  train_cfg = config.train
+  workdir = pathlib.Path(workdir).absolute()
+  maybe_initialize_distributed()
+  is_main = jax.process_index() == 0
+
+  # ---- Workdir: refuse an incompatible run before anything is written. ----
+  for module in filter(None, (m.strip() for m in config.data.imports.split(","))):
+    importlib.import_module(module)  # Registers custom tasks.
+  if config.data.data_dir:
+    os.environ["MULTIMODEL_DATA_DIR"] = config.data.data_dir
+  task_list = tasks_lib.resolve(_task_names(config)) if mixture is None else list(
+      mixture.tasks.values())
+  task_names = [t.name for t in task_list]
+  ckpts = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints,
+                                 every=train_cfg.checkpoint_every)
+  latest = ckpts.latest_step()
+  saved_meta = ckpts.meta(latest) if latest is not None else None
+  if saved_meta is not None:
+    checkpoint.check_compatible(saved_meta, config, task_names, workdir)
+
+  # ---- Input. ----
+  tokenizer = _tokenizer(task_list, saved_meta)
+  if mixture is None:
+    mixture = mixture_lib.Mixture(
+        task_list, tokenizer, InputConfig.from_config(config), strategy=config.data.mixture,
+        mode=train_cfg.step_mode, temperature=config.data.temperature,
+        tau=config.data.adaptive_tau, loss_decay=config.data.adaptive_decay,
+        weights=_weights(config.data.weights),
+        seed=train_cfg.seed)
+  if tokenizer is not None and config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {tokenizer.vocab_size} pieces")
+  meta = checkpoint.meta_for(config, task_names, tokenizer and tokenizer.to_bytes())
+
+  # ---- Mesh, model and optimizer. ----
+  mesh = make_mesh(train_cfg)
+  abstract_model = nnx.eval_shape(lambda: MultiModel(config.model, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  tx = optim.make(train_cfg, config.model.d_model)
+  params_sharding = param_shardings(abstract_params, mesh)
+  replicated = NamedSharding(mesh, P())
+
+  def init_state():
+    model = MultiModel(config.model, rngs=nnx.Rngs(train_cfg.seed))
+    params = nnx.state(model, nnx.Param)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(train_cfg.seed))}
+
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding["params"] = params_sharding
+  state_sharding["opt_state"] = _opt_state_sharding(abstract_state["opt_state"], params_sharding,
+                                                    replicated)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+
+  # ---- Resume: workdir checkpoint, then --init weights, then scratch. ----
+  if latest is not None:
+    state, data_state, _ = ckpts.restore(latest, abstract_state)
+    mixture.set_state(data_state)
+    log.info("Resumed %s at step %d", workdir, latest)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+    if init:
+      state = _warm_start(state, init, params_sharding)
+    if is_main:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  # ---- Update step: one jitted program per (task set, bucket shape). ----
+  step_fns = {}
+
+  def step_fn(names: tuple[str, ...]):
+    if names not in step_fns:
+      specs = tuple((n, task_spec(mixture.tasks[n])) for n in names)
+      step_fns[names] = jax.jit(
+          functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs),
+          in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
+          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    return step_fns[names]
+
+  # ---- Loop. ----
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  metrics_writer = writer.MetricsWriter(workdir, enabled=is_main)
+  base_rng = jax.random.wrap_key_data(np.asarray(jax.device_get(state["rng"])))  # Not donated.
+  step = int(jax.device_get(state["step"]))
+  total = train_cfg.steps
+  bar = _progress(total, step, progress and is_main)
+  window, in_a_row = _Window(), 0
+  try:
+    while step < total:
+      item = next(mixture)
+      batches = dict([item]) if isinstance(item, tuple) else dict(item)
+      names = tuple(sorted(batches))
+      weights = _step_weights(mixture, names)
+      rng = jax.random.fold_in(base_rng, step)
+      state, metrics = step_fn(names)(state, {n: shard_batch(b, mesh) for n, b in batches.items()},
+                                      rng, weights)
+      metrics = jax.device_get(metrics)
+      step += 1
+      if metrics["finite"]:
+        in_a_row = 0
+        window.add(metrics["tasks"], _examples(batches))
+        for name in names:
+          mixture.report_loss(name, float(metrics["tasks"][name]["task_loss"]))
+      else:
+        in_a_row += 1
+        log.warning("step %d: non-finite loss or gradient on task(s) %s; step skipped",
+                    step, ",".join(names))
+        if in_a_row >= train_cfg.max_nonfinite_in_row:
+          raise NonFiniteError(
+              f"{in_a_row} steps in a row had a non-finite loss or gradient; the last at step "
+              f"{step} on task(s) {', '.join(names)}. Parameters and checkpoints hold the last "
+              "finite state.")
+      bar.update(1)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", task=names[0] if len(names) == 1
+                      else "all")
+      if step % train_cfg.log_every == 0 or step == total:
+        record = window.record()
+        record["learning_rate"] = float(optim.noam_schedule(
+            train_cfg.learning_rate, config.model.d_model, train_cfg.warmup_steps)(step - 1))
+        record["skipped_steps"] = int(jax.device_get(state["skipped"]))
+        record["mixture"] = mixture.probabilities()
+        metrics_writer.write(step, record)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                        ex_per_s=f"{record['examples_per_second']:.1f}")
+        window = _Window()
+      if ckpts.should_save(step) or step == total or stop["signal"]:
+        ckpts.save(step, state, mixture.get_state(), meta)
+      if stop["signal"]:
+        log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)
+        raise SystemExit(128 + stop["signal"])
+  finally:
+    bar.close()
+    metrics_writer.close()
+    signal.signal(signal.SIGTERM, previous)
+
+  # ---- Final evaluation, one task at a time. ----
+  results = {}
+  if train_cfg.eval_max_examples >= 0:
+    params = state["params"]
+    results = evaluation.evaluate_tasks(
+        graphdef, params, list(mixture.tasks.values()), tokenizer, InputConfig.from_config(config),
+        split=train_cfg.eval_split, max_examples=train_cfg.eval_max_examples,
+        decode=train_cfg.eval_decode, workdir=workdir if is_main else None)
+    if is_main:
+      print(evaluation.format_table(results), flush=True)
+  if is_main and train_cfg.plot:
+    from multimodel import plot  # matplotlib only when plotting
+    plot.plot_run(workdir)
+  ckpts.close()
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of train_and_evaluate.
+
+def _task_names(config) -> list[str]:
+  spec = config.data.tasks
+  if spec in ("", "installed"):
+    names = [t.name for t in tasks_lib.installed_tasks()]
+    if not names:
+      raise ValueError("No embedded task is prepared: run `python -m data.prepare` first, or name "
+                       "tasks with --config.data.tasks=a,b")
+    return names
+  return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def _weights(spec: str) -> dict[str, float]:
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, _, value = item.partition("=")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"data.weights: expected 'task=number', got {item!r}") from None
+  return out
+
+
+def _tokenizer(task_list, saved_meta) -> Tokenizer | None:
+  """The run's tokenizer: the one saved in the workdir's checkpoint, else the prepared one."""
+  uses_text = any("text" in (t.input_modality, t.target_modality) for t in task_list)
+  if saved_meta is not None and saved_meta.get("tokenizer"):
+    return Tokenizer.from_bytes(checkpoint.tokenizer_bytes(saved_meta))
+  return Tokenizer.load() if uses_text else None
+
+
+def _step_weights(mixture, names) -> jnp.ndarray:
+  """Loss weights of a step: 1 for one task; the mixture's rates for the all-tasks step."""
+  if len(names) == 1:
+    return jnp.ones((1,), jnp.float32)
+  probs = mixture.probabilities()
+  w = np.array([probs[n] for n in names], np.float32)
+  return jnp.asarray(w / w.sum() * len(names))
+
+
+def _opt_state_sharding(abstract_opt_state, params_sharding, replicated):
+  """Optimizer moments are sharded like the parameters; scalars (counts) are replicated."""
+  params_leaves = jax.tree.leaves(params_sharding)
+
+  def like_params(subtree):
+    leaves = jax.tree.leaves(subtree)
+    if len(leaves) == len(params_leaves) and all(
+        getattr(a, "shape", None) is not None for a in leaves):
+      return jax.tree.unflatten(jax.tree.structure(subtree), params_leaves)
+    return jax.tree.map(lambda _: replicated, subtree)
+
+  return jax.tree.map(like_params, abstract_opt_state,
+                      is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def _warm_start(state, init, params_sharding):
+  """Copies every parameter of the `init` checkpoint whose path and shape match this model's."""
+  saved, meta = checkpoint.restore_params(init)
+  flat = nnx.to_flat_state(state["params"])
+  copied, kept = 0, []
+  new = {}
+  for path, variable in flat:
+    key = tuple(str(p) for p in path)
+    value = saved.get(key)
+    if value is not None and value.shape == variable[...].shape:
+      new[path] = value
+      copied += 1
+    else:
+      kept.append("/".join(key))
+  params = state["params"]
+  nnx.replace_by_pure_dict(params, _nest(new, nnx.to_pure_dict(params)))
+  params = jax.device_put(params, params_sharding)
+  log.info("Warm start from %s: %d parameter arrays copied, %d kept from initialisation%s",
+           init, copied, len(kept), f" ({', '.join(kept[:8])}...)" if kept else "")
+  return dict(state, params=params)
+
+
+def _nest(flat: dict, template: dict) -> dict:
+  """Puts flat {path: value} into a copy of the nested pure dict `template`."""
+  out = jax.tree.map(lambda x: x, template)
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+  return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
