@@ -1,0 +1,263 @@
+"""Autoregressive decoding of sequence targets: greedy, beam search, and a slow reference.
+
+Shapes: B batch, S source length, T target length (`max_length`), V vocabulary, N beam size.
+
+Every decoder encodes the inputs once, then runs one `model.decode_step` per output position over
+the network's incremental cache (`model.init_decode_state`), inside a `jax.lax.while_loop` that
+stops early once every sequence has ended (beam search: once no alive beam can still win).
+`full_rerun_greedy` is the obvious reference: it re-runs the whole teacher-forced forward pass at
+every position.
+
+Conventions shared by all decoders:
+  * id 1 ends a sequence (`eos_id`); the EOS token is kept, every position after it is 0 (pad).
+  * The pad id 0 is never emitted (its logit is masked), so a 0 in the output always means "after
+    the end"; a sequence that reaches `max_length` without EOS is returned truncated.
+  * They are pure functions of the model's state: call them inside `nnx.jit`, or use
+    `make_decoder`, a `jax.jit`-compiled function of (state, inputs, input_mask) that merges
+    the model from its graphdef. Called eagerly they still work, but the loop body is traced and
+    compiled on every call.
+
+`model` is anything with `encode(task, inputs, input_mask) -> (enc, enc_mask, aux)`,
+`init_decode_state(task, enc, enc_mask, max_length) -> state` (a pytree whose leaves all have the
+batch as their leading axis) and `decode_step(task, state, prev_token, position) -> (logits
+[B, V], state)`, as `multimodel.model.MultiModel` has.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+EOS_ID = 1
+PAD_ID = 0
+NEG_INF = -jnp.inf
+
+
+def _mask_pad(logits: Array) -> Array:
+  """Forbids the pad id: logits [..., V] -> [..., V] with -inf at id 0."""
+  return logits.at[..., PAD_ID].set(NEG_INF)
+
+
+def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int) -> Array:
+  """The argmax loop of both greedy decoders.
+
+  Args:
+    step: (state, tokens [B, T] so far, prev_token [B], position) -> (logits [B, V], state).
+    state: its initial state.
+  Returns:
+    tokens int32 [B, T].
+  """
+
+  def cond(carry):
+    t, _, _, finished, _ = carry
+    return (t < max_length) & ~jnp.all(finished)
+
+  def body(carry):
+    t, tokens, prev, finished, state = carry
+    logits, state = step(state, tokens, prev, t)  # [B, V]
+    token = jnp.argmax(_mask_pad(logits), axis=-1).astype(jnp.int32)  # [B]
+    token = jnp.where(finished, PAD_ID, token)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)  # [B, T]
+    return t + 1, tokens, token, finished | (token == eos_id), state
+
+  carry = (jnp.int32(0), jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch,), jnp.int32),
+           jnp.zeros((batch,), bool), state)
+  return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_length: int,
+           eos_id: int = EOS_ID) -> Array:
+  """Greedy decoding with the incremental cache.
+
+  Args:
+    model: the network (see the module docstring).
+    task: its `TaskSpec` (static).
+    inputs: raw inputs of the task's input modality, batch B.
+    input_mask: bool [B, S] or None (as the model's `encode` takes it).
+    max_length: T, the most positions decoded (static).
+    eos_id: end-of-sequence id; a value no token takes (e.g. -1) decodes all T positions.
+  Returns:
+    tokens int32 [B, T]: argmax ids up to and including EOS, 0 after it.
+  """
+  enc, enc_mask, _ = model.encode(task, inputs, input_mask)  # [B, S, D], [B, S] or None
+  state = model.init_decode_state(task, enc, enc_mask, max_length)
+
+  def step(state, tokens, prev, t):
+    del tokens  # The cache holds what the step needs of them.
+    return model.decode_step(task, state, prev, t)
+
+  return _greedy_loop(step, state, enc.shape[0], max_length, eos_id)
+
+
+def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = None, *,
+                      max_length: int, eos_id: int = EOS_ID) -> Array:
+  """Greedy decoding without a cache: the slow reference for `greedy`.
+
+  Position t runs the whole teacher-forced forward pass (encoder included) on the targets decoded
+  so far, held in a zero-padded [B, T] buffer, so decoding T positions costs T full passes. The
+  buffer holds a placeholder (any non-pad id) at t: its value is invisible to position t
+  (causality) but makes the target mask count t as a real position, as the cached step does.
+  Same arguments and result as `greedy`.
+  """
+
+  def step(state, tokens, prev, t):
+    del prev
+    placeholder = jnp.full((tokens.shape[0], 1), EOS_ID, jnp.int32)
+    targets = jax.lax.dynamic_update_slice_in_dim(tokens, placeholder, t, axis=1)  # [B, T]
+    logits, _ = model(task, inputs, targets, input_mask)  # [B, T, V]
+    return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), state  # [B, V]
+
+  return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id)
+
+
+def gnmt_length_penalty(length: Array | int, alpha: float) -> Array:
+  """GNMT / tensor2tensor length penalty ((5 + length) / 6) ** alpha; length counts the EOS."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(x: Array, beam_index: Array) -> Array:
+  """x [B, N', ...], beam_index int [B, N] -> [B, N, ...]: x[b, beam_index[b, n]]."""
+  index = beam_index.reshape(beam_index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _gather_flat_beams(x: Array, beam_index: Array) -> Array:
+  """Same on a cache leaf whose batch axis is flattened: x [B * N, ...] -> [B * N, ...]."""
+  batch, beams = beam_index.shape
+  x = x.reshape((batch, x.shape[0] // batch) + x.shape[1:])  # [B, N, ...]
+  return _gather_beams(x, beam_index).reshape((batch * beams,) + x.shape[2:])
+
+
+def _top_k_beams(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
+  """Top k along axis 1 of scores [B, M]: (scores [B, k], index [B, k], each array gathered)."""
+  top, index = jax.lax.top_k(scores, k)  # [B, k]
+  return (top, index) + tuple(_gather_beams(a, index) for a in arrays)
+
+
+def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, beam_size: int,
+                max_length: int, length_penalty: float = 0.6, eos_id: int = EOS_ID,
+                return_all: bool = False) -> tuple[Array, Array]:
+  """Beam search with the incremental cache.
+
+  Each step extends the N alive beams by every token and ranks the candidates by log-probability.
+  A candidate ending in EOS among the N best is finished and scored log-probability /
+  `gnmt_length_penalty(length, alpha)`, length counting the EOS; the N best candidates not ending
+  in EOS (found among the 2N best) stay alive, so there are always N. Decoding stops at
+  `max_length`, or once for every example the N finished slots are full and no alive beam can still
+  beat the worst of them (tensor2tensor's bound, exact for alpha >= 0: log-probabilities only
+  fall as a beam grows). Finished hypotheses rank first; if fewer than N finished, the best alive
+  beams, truncated and scored at length T, fill in. With N = 1 and alpha = 0 the result is exactly
+  `greedy`'s (with alpha > 0 the single beam may go on past greedy's EOS to a better score).
+
+  The encoder runs once on B examples; the decoding state is tiled to [B * N, ...] and, after each
+  step, gathered by the surviving beams' parents with `jax.tree.map`.
+
+  Args:
+    model, task, inputs, input_mask, max_length, eos_id: as for `greedy`.
+    beam_size: N (static).
+    length_penalty: alpha of `gnmt_length_penalty` (0 ranks by plain log-probability).
+    return_all: return all N hypotheses, best first, instead of the best one.
+  Returns:
+    tokens int32 [B, T] (or [B, N, T] with `return_all`), 0 after EOS, and their scores float32
+    [B] (or [B, N]): length-penalised log-probabilities (-inf for an empty slot).
+  """
+  n = beam_size
+  enc, enc_mask, _ = model.encode(task, inputs, input_mask)  # [B, S, D], [B, S] or None
+  batch, state = enc.shape[0], model.init_decode_state(task, enc, enc_mask, max_length)
+  state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)  # leaves [B * N, ...]
+  best_possible_penalty = gnmt_length_penalty(max_length, length_penalty)
+
+  def cond(carry):
+    t, _, alive_logp, _, finished_scores, _ = carry
+    # Best score an alive beam may still reach vs the worst finished one (-inf while a slot is
+    # empty), per example.
+    best_alive = alive_logp[:, 0] / best_possible_penalty  # [B]
+    worst_finished = finished_scores[:, -1]  # [B]
+    return (t < max_length) & ~jnp.all(worst_finished >= best_alive)
+
+  def body(carry):
+    t, alive_seqs, alive_logp, finished_seqs, finished_scores, state = carry
+    prev = jax.lax.dynamic_index_in_dim(alive_seqs, jnp.maximum(t - 1, 0), axis=2,
+                                        keepdims=False)  # [B, N]
+    logits, new_state = model.decode_step(task, state, prev.reshape(-1), t)  # [B * N, V]
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(_mask_pad(logits.astype(jnp.float32)))  # [B * N, V]
+    candidates = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
+
+    # Top 2N candidates: token and parent beam of each.
+    logp, flat_index = jax.lax.top_k(candidates.reshape(batch, n * vocab), 2 * n)  # [B, 2N]
+    parent, token = flat_index // vocab, (flat_index % vocab).astype(jnp.int32)  # [B, 2N]
+    seqs = _gather_beams(alive_seqs, parent)  # [B, 2N, T]
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[..., None], t, axis=2)
+    is_eos = token == eos_id  # [B, 2N]
+    ends = is_eos & (jnp.arange(2 * n) < n)  # EOS among the N best candidates: finished.
+
+    # The best N that do not end here stay alive; the cache follows their parents.
+    alive_logp, _, alive_seqs, alive_parent = _top_k_beams(
+        jnp.where(is_eos, NEG_INF, logp), n, seqs, parent)  # [B, N], [B, N, T]
+
+    def gather(new, old):
+      # A leaf the step passes through (the cross-attention keys of the tiled encoder output) is
+      # the same for every beam of an example, so it needs no gather.
+      return old if new is old else _gather_flat_beams(new, alive_parent)
+
+    state = jax.tree.map(gather, new_state, state)
+
+    # Those that end here join the finished ones, scored with the length penalty.
+    scores = jnp.where(ends, logp / gnmt_length_penalty(t + 1, length_penalty), NEG_INF)
+    finished_scores, _, finished_seqs = _top_k_beams(
+        jnp.concatenate([finished_scores, scores], axis=1), n,
+        jnp.concatenate([finished_seqs, seqs], axis=1))  # [B, N], [B, N, T]
+    return t + 1, alive_seqs, alive_logp, finished_seqs, finished_scores, state
+
+  alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (n - 1), jnp.float32), (batch, 1))  # [B, N]
+  empty_seqs = jnp.zeros((batch, n, max_length), jnp.int32)  # [B, N, T]
+  empty_scores = jnp.full((batch, n), NEG_INF, jnp.float32)
+  carry = (jnp.int32(0), empty_seqs, alive_logp, empty_seqs, empty_scores, state)
+  _, alive_seqs, alive_logp, finished_seqs, finished_scores, _ = jax.lax.while_loop(
+      cond, body, carry)
+
+  # Finished hypotheses first (by score), then alive ones truncated at T (by score).
+  alive_scores = alive_logp / best_possible_penalty  # [B, N]
+  seqs = jnp.concatenate([finished_seqs, alive_seqs], axis=1)  # [B, 2N, T]
+  scores = jnp.concatenate([finished_scores, alive_scores], axis=1)  # [B, 2N]
+  is_finished = jnp.concatenate([finished_scores > NEG_INF, jnp.zeros_like(alive_scores, bool)],
+                                axis=1)
+  order = jnp.lexsort((-scores, (~is_finished).astype(jnp.int32)), axis=1)[:, :n]  # [B, N]
+  seqs, scores = _gather_beams(seqs, order), _gather_beams(scores, order)
+  if return_all:
+    return seqs, scores
+  return seqs[:, 0], scores[:, 0]
+
+
+METHODS = ("greedy", "beam", "full_rerun")
+
+
+def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
+                 beam_size: int = 4, length_penalty: float = 0.6,
+                 eos_id: int = EOS_ID) -> Callable[..., Array]:
+  """A jitted pure decoder `fn(state, inputs, input_mask=None) -> tokens int32 [B, T]`.
+
+  Args:
+    graphdef: from `graphdef, state = nnx.split(model, ...)`; `fn` merges it with `state`.
+    task: the `TaskSpec` (static: one program per task and input shape).
+    max_length: T.
+    method: "greedy", "beam" (the best of `beam_size` beams) or "full_rerun" (the reference).
+    beam_size, length_penalty: of "beam".
+    eos_id: end-of-sequence id.
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
+
+  @jax.jit
+  def decode(state, inputs: Array, input_mask: Array | None = None) -> Array:
+    model = nnx.merge(graphdef, state)
+    if method == "beam":
+      return beam_search(model, task, inputs, input_mask, beam_size=beam_size,
+                         max_length=max_length, length_penalty=length_penalty, eos_id=eos_id)[0]
+    fn = greedy if method == "greedy" else full_rerun_greedy
+    return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id)
+
+  return decode
