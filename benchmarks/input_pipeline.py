@@ -1,10 +1,13 @@
-"""Batches per second of the default mixture's input pipeline (no model): its supply side.
+"""Batches per second of the input pipeline against the training step's consumption.
 
     python -m benchmarks.input_pipeline [--config default] [--tasks a,b] [--seconds 20]
 
 Builds the mixture the config describes over the installed embedded tasks (or `--tasks`), draws
-batches for `--seconds` after a warm-up, and prints per-task rates, then one JSON line with
-`batches_per_s`, `examples_per_s` and `tokens_per_s` (non-padding ids and frames).
+batches for `--seconds` after a warm-up (supply), then times the jitted train step of the same
+config on one real batch of every task (demand: the steps per second the trainer can consume,
+weighted by the mixture's task rates). Prints per-task rates, then one JSON line with
+`batches_per_s`, `examples_per_s`, `tokens_per_s` (non-padding ids and frames),
+`step_batches_per_s` and `pipeline_headroom` = supply / demand (aim: >= 3).
 """
 
 import argparse
@@ -12,6 +15,7 @@ import importlib
 import json
 import time
 
+import jax
 import numpy as np
 
 from data import mixture as mixture_lib
@@ -72,11 +76,49 @@ def main(argv=None) -> dict:
       print(f"{name:<22} {batches:>8} {1e3 * seconds / batches:>9.1f} "
             f"{examples / max(seconds, 1e-9):>11.0f}")
   totals = np.sum([c[:3] for c in counts.values()], axis=0)
+  step_seconds = _step_seconds(config, mix)
+  probabilities = mix.probabilities()
+  mean_step = sum(probabilities[n] * s for n, s in step_seconds.items())
+  print(f"\n{'task':<22} {'train step ms':>14} {'rate':>6}")
+  for name, seconds in step_seconds.items():
+    print(f"{name:<22} {1e3 * seconds:>14.1f} {probabilities[name]:>6.3f}")
+  supply = totals[0] / elapsed
   result = {"config": args.config, "tasks": [t.name for t in task_list],
-            "batches_per_s": totals[0] / elapsed, "examples_per_s": totals[1] / elapsed,
-            "tokens_per_s": totals[2] / elapsed}
+            "batches_per_s": supply, "examples_per_s": totals[1] / elapsed,
+            "tokens_per_s": totals[2] / elapsed, "step_batches_per_s": 1.0 / mean_step,
+            "pipeline_headroom": supply * mean_step}
   print(json.dumps(result))
   return result
+
+
+def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
+  """Seconds of one jitted train step of `config` on a real batch of each task (after compile)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from multimodel import optim, trainer  # pylint: disable=import-outside-toplevel
+  from multimodel.model import MultiModel  # pylint: disable=import-outside-toplevel
+
+  model = MultiModel(config.model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optim.make(config.train, config.model.d_model)
+  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0),
+           "skipped": np.int32(0), "rng": np.zeros(2, np.uint32)}
+  batches = {}
+  while len(batches) < len(mix.tasks):  # One real batch per task, drawn from the mixture.
+    name, batch = next(mix)
+    batches.setdefault(name, batch)
+  out = {}
+  for name, batch in batches.items():
+    spec = trainer.task_spec(mix.tasks[name])
+    step = jax.jit(lambda st, b, spec=spec, name=name: trainer.train_step(
+        st, {name: b}, jax.random.key(0), np.ones(1, np.float32), graphdef=graphdef, tx=tx,
+        tasks=((name, spec),)))
+    jax.block_until_ready(step(state, batch))  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+      result = step(state, batch)
+    jax.block_until_ready(result)
+    out[name] = (time.perf_counter() - start) / repeats
+  return out
 
 
 if __name__ == "__main__":

@@ -175,6 +175,11 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   workdir = pathlib.Path(workdir).absolute()
   maybe_initialize_distributed()
   is_main = jax.process_index() == 0
+  if train_cfg.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    # Resumed runs and repeated configs reuse compiled steps instead of compiling them again.
+    jax.config.update("jax_compilation_cache_dir",
+                      str(pathlib.Path(train_cfg.compilation_cache).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
   # ---- Workdir: refuse an incompatible run before anything is written. ----
   for module in filter(None, (m.strip() for m in config.data.imports.split(","))):

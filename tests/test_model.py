@@ -24,9 +24,18 @@ def small_config(**overrides):
   return common.make(model=model).model
 
 
+def randomize_gates(m: MultiModel, seed: int = 0) -> MultiModel:
+  """Random gating weights: zero-initialised gates would route every token alike."""
+  rng = np.random.default_rng(seed)
+  for block in (m.encoder.experts, m.decoder.experts):
+    gate = block.ffn.w_gate
+    gate[...] = jnp.asarray(rng.normal(size=gate[...].shape), jnp.float32)
+  return m
+
+
 @pytest.fixture(scope="module")
 def model():
-  return MultiModel(small_config(), rngs=nnx.Rngs(0))
+  return randomize_gates(MultiModel(small_config(), rngs=nnx.Rngs(0)))
 
 
 def ids(rng, shape, vocab=64):

@@ -67,6 +67,7 @@ TRAIN = dict(
     mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
     mesh_expert=1,  # Devices along the expert axis.
     plot=True,  # Write PNG plots into the workdir at the end.
+    compilation_cache="~/.cache/multimodel/jax",  # Persistent XLA cache ("" disables it).
 )
 
 DATA = dict(

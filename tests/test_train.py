@@ -1,0 +1,233 @@
+"""Training: the real CLI end to end on real embedded data, exact resume after SIGKILL, SIGTERM,
+1 device against 8, non-finite steps, incompatible workdirs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from data import tasks as tasks_lib
+from data.mixture import Mixture
+from multimodel import checkpoint, trainer, writer
+from multimodel.configs import tiny
+from tests import tiny_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = [
+    "--config.model.d_model=32", "--config.model.hidden=64", "--config.model.num_heads=2",
+    "--config.model.num_experts=4", "--config.model.image.stem_filters=8",
+    "--config.model.audio.conv_filters=8", "--config.data.tokens_per_batch=256",
+    "--config.data.image_batch_size=16", "--config.data.text_buckets=(64,)",
+    "--config.train.warmup_steps=10", "--config.train.eval_max_examples=16",
+]
+TASKS = "--config.data.tasks=image_mnist5k,translate_en_fr"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Environment of the CLI runs: the tiny real data and a shared compilation cache."""
+  out = dict(os.environ, MULTIMODEL_DATA_DIR=str(tiny_data.data_dir()), PYTHONPATH=str(ROOT),
+             TF_CPP_MIN_LOG_LEVEL="3")
+  out.pop("XLA_FLAGS", None)
+  cache = tmp_path_factory.mktemp("jax-cache")
+  return out, cache
+
+
+def train_cmd(workdir, cache, *extra):
+  return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "multimodel/configs/tiny.py"),
+          "--workdir", str(workdir), *SMALL, TASKS, f"--config.train.compilation_cache={cache}",
+          *extra]
+
+
+def run(cmd, env, **kw):
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kw)
+
+
+def final_params(workdir):
+  flat, _ = checkpoint.restore_params(workdir)
+  return flat
+
+
+def assert_same_params(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg="/".join(key))
+
+
+@pytest.fixture(scope="module")
+def straight_run(env, tmp_path_factory):
+  """6 steps straight: the end-to-end run, and the reference of the resume test."""
+  environ, cache = env
+  workdir = tmp_path_factory.mktemp("straight")
+  result = run(train_cmd(workdir, cache, "--config.train.steps=6", "--config.train.log_every=1",
+                         "--config.train.checkpoint_every=3"), environ)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, result
+
+
+def test_cli_end_to_end(straight_run):
+  workdir, result = straight_run
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  records = writer.read(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    assert all(np.isfinite(v) for v in r["loss"].values())
+    assert r["skipped_steps"] == 0
+  seen = {t for r in records for t in r["loss"]}
+  assert seen <= {"image_mnist5k", "translate_en_fr"} and seen
+  load = next(iter(records[0]["expert_load"].values()))
+  assert "encoder" in load and len(load["encoder"]) == 4
+  assert list((workdir / "tensorboard").iterdir())
+  assert (workdir / "config.json").exists()
+  # The final table: one row per (task, metric), for both tasks.
+  assert "image_mnist5k" in result.stdout and "accuracy" in result.stdout
+  assert "translate_en_fr" in result.stdout and "log_perplexity" in result.stdout
+  for task in ("image_mnist5k", "translate_en_fr"):
+    report = json.loads((workdir / "eval" / f"{task}-test.json").read_text())
+    assert 0.0 <= report["token_accuracy"] <= 1.0
+  assert (workdir / "plots" / "loss_per_task.png").stat().st_size > 0
+  assert (workdir / "plots" / "expert_load.png").stat().st_size > 0
+  meta = checkpoint.Checkpoints(workdir).meta()
+  assert meta["config"]["model"]["d_model"] == 32 and meta["tokenizer"]
+
+
+def test_exact_resume_after_sigkill(straight_run, env, tmp_path):
+  """Train 3 steps, SIGKILL, resume to 6: parameters identical to the straight 6-step run."""
+  environ, cache = env
+  reference, _ = straight_run
+  cmd = train_cmd(tmp_path, cache, "--config.train.steps=6", "--config.train.log_every=1",
+                  "--config.train.checkpoint_every=3", "--config.train.eval_max_examples=-1",
+                  "--config.train.plot=False")
+  child = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while not (tmp_path / "checkpoints" / "3" / "commit_success.txt").exists():
+    assert child.poll() is None, child.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 6, steps
+  result = run(cmd, environ)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert_same_params(final_params(tmp_path), final_params(reference))
+
+
+def test_sigterm_saves_a_checkpoint(env, tmp_path):
+  environ, cache = env
+  child = subprocess.Popen(
+      train_cmd(tmp_path, cache, "--config.train.steps=100000", "--config.train.log_every=1",
+                "--config.train.checkpoint_every=0"),
+      env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while not (tmp_path / "metrics.jsonl").exists() or not writer.read(tmp_path):
+    assert child.poll() is None, child.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  child.send_signal(signal.SIGTERM)
+  assert child.wait(timeout=300) == 128 + signal.SIGTERM
+  saved = checkpoint.Checkpoints(tmp_path).latest_step()
+  assert saved is not None and saved >= 1
+
+
+def test_incompatible_workdir_is_refused(straight_run, env):
+  environ, cache = env
+  workdir, _ = straight_run
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  result = run(train_cmd(workdir, cache, "--config.train.steps=8", "--config.model.d_model=64"),
+               environ)
+  assert result.returncode == 2
+  assert "incompatible" in result.stderr and "model.d_model: saved 32, new 64" in result.stderr
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_unknown_task_and_config_key_fail_with_valid_lists(env, tmp_path):
+  environ, cache = env
+  result = run(train_cmd(tmp_path, cache, "--config.data.tasks=image_mnist5k,no_such_task"),
+               environ)
+  assert result.returncode == 2 and "no_such_task" in result.stderr
+  assert "translate_en_fr" in result.stderr  # the valid names are listed
+  result = run(train_cmd(tmp_path, cache, "--config.model.no_such_key=1"), environ)
+  assert result.returncode == 2 and "no_such_key" in result.stderr and "d_model" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_one_device_equals_eight_devices(env, tmp_path):
+  """The same run on 1 CPU device and on 8 (data x expert = 4 x 2) gives the same losses."""
+  environ, cache = env
+  losses = {}
+  for devices, mesh in ((1, []), (8, ["--config.train.mesh_expert=2"])):
+    e = dict(environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    workdir = tmp_path / f"d{devices}"
+    result = run(train_cmd(workdir, cache, "--config.train.steps=4", "--config.train.log_every=1",
+                           "--config.train.eval_max_examples=-1", "--config.train.plot=False",
+                           *mesh), e)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses[devices] = [r["loss"] for r in writer.read(workdir)]
+  assert [sorted(r) for r in losses[1]] == [sorted(r) for r in losses[8]]
+  for one, eight in zip(losses[1], losses[8]):
+    for task in one:
+      np.testing.assert_allclose(one[task], eight[task], rtol=2e-4)
+
+
+class NaNImages:
+  """A task iterator whose image batches are NaN on the steps listed in `bad`."""
+
+  size = 100
+
+  def __init__(self, bad):
+    self.bad, self.step = set(bad), 0
+
+  def __next__(self):
+    self.step += 1
+    images = np.full((8, 28, 28, 3), np.nan if self.step in self.bad else 0.1, np.float32)
+    return {"inputs": images, "targets": np.arange(8, dtype=np.int32) % 10}
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = state["step"]
+
+
+def nan_task():
+  return tasks_lib.Task(name="nan_images", source="none", preprocess=lambda e: e,
+                        input_modality="image", target_modality="label", command="to_label",
+                        metrics=("accuracy",), num_classes=10, image_size=28)
+
+
+def small_config(**train):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.model.d_model, config.model.hidden, config.model.num_heads = 32, 64, 2
+    config.model.image.stem_filters = 8
+    config.train.update(dict(eval_max_examples=-1, plot=False, log_every=1,
+                             checkpoint_every=0, compilation_cache=""), **train)
+  return config
+
+
+def test_nonfinite_steps_are_skipped(tmp_path):
+  task = nan_task()
+  mixture = Mixture([task], None, iterators={task.name: NaNImages(bad={2, 3})})
+  trainer.train_and_evaluate(small_config(steps=5, max_nonfinite_in_row=3), tmp_path,
+                             mixture=mixture, progress=False)
+  records = writer.read(tmp_path)
+  assert records[-1]["skipped_steps"] == 2
+  flat, _ = checkpoint.restore_params(tmp_path)
+  assert all(np.isfinite(v).all() for v in flat.values())
+
+
+def test_nonfinite_in_a_row_stops_naming_step_and_task(tmp_path):
+  task = nan_task()
+  mixture = Mixture([task], None, iterators={task.name: NaNImages(bad=range(2, 100))})
+  with pytest.raises(trainer.NonFiniteError, match=r"at step 4 on task\(s\) nan_images"):
+    trainer.train_and_evaluate(small_config(steps=20, max_nonfinite_in_row=3), tmp_path,
+                               mixture=mixture, progress=False)
+  assert checkpoint.Checkpoints(tmp_path).latest_step() is None  # nothing non-finite was saved
