@@ -1,7 +1,8 @@
 """TFDS builders of the embedded tasks. Importing this package registers them with TFDS.
 
 Each module defines one or more `tfds.core.GeneratorBasedBuilder` classes (TFDS names are the snake
-case of the class names) and reads its sources offline (see `../../shared/DATA.md`).
+case of the class names) and reads its sources offline (see `../../shared/DATA.md`). They derive
+from `base.OfflineBuilder`, which holds their version, file format, splits and example generation.
 """
 
 import importlib

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "caption_stamps"
@@ -138,14 +139,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
     logging.warning("%s: %d SVG stamps of split %s skipped (no renderer)", TASK, skipped_svg, split)
 
 
-class CaptionStamps(tfds.core.GeneratorBasedBuilder):
+class CaptionStamps(base.OfflineBuilder):
   """Tux Paint stamp pictures and their English captions."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -157,9 +152,5 @@ class CaptionStamps(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "caption"),
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Offline: every source is an installed package.
-    return {split: self._generate_examples(split) for split in SPLITS}
-
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

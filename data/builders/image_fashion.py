@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "image_fashion"
@@ -77,14 +78,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
     yield f"{prefix}-{index}", {"image": image[:, :, None], "label": int(label)}
 
 
-class ImageFashion(tfds.core.GeneratorBasedBuilder):
+class ImageFashion(base.OfflineBuilder):
   """Fashion-MNIST: 55,000 train, 5,000 validation held out of train, 10,000 test."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -98,10 +93,8 @@ class ImageFashion(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/zalandoresearch/fashion-mnist",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Everything is read from the installed package.
-    _load(SOURCE_DIR)  # Fails early, naming the file, when a source is missing or corrupt.
-    return {split: self._generate_examples(split) for split in SPLITS}
+  def check_sources(self) -> None:
+    _load(SOURCE_DIR)
 
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

