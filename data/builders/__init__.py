@@ -18,15 +18,8 @@ MODULES = (
 )
 
 
-def import_all():
-  """Imports every builder module that exists (registers the builders); returns their names."""
-  loaded = []
+def import_all() -> tuple[str, ...]:
+  """Imports every builder module (registers the builders with TFDS); returns their names."""
   for name in MODULES:
-    try:
-      importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"{__name__}.{name}":
-        raise
-      continue
-    loaded.append(name)
-  return loaded
+    importlib.import_module(f"{__name__}.{name}")
+  return MODULES
