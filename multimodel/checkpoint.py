@@ -4,10 +4,12 @@ Each checkpoint holds three items:
   `state`: params, optimizer state, step, skipped-step count, base RNG key (arrays, sharded);
   `data`:  the input mixture's iterator state (JSON), so a resumed run sees the same batches;
   `meta`:  the config, the task names and the tokenizer (JSON; the tokenizer as base64 bytes).
-Nothing is pickled: restoring never executes stored code.
+Nothing is pickled: restoring never executes stored code. `load_run` reads what inference needs
+(parameters, config, task names, tokenizer) and skips the optimizer state.
 """
 
 import base64
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -114,16 +116,127 @@ def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
                      "folder, or a numbered checkpoint folder)")
 
 
+def checkpoint_steps(directory: str | pathlib.Path) -> list[int]:
+  """The steps of the finished checkpoints in a `checkpoints/` folder, ascending."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _params_only(state_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
+  """The `params` subtree of a checkpoint's `state` item, as host arrays: nothing else is read.
+
+  The optimizer state next to them is skipped (orbax partial restore). Keys are the parameter
+  paths as strings, without the trailing "value" of the saved `nnx.Param` leaves.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(state_dir).tree["params"]
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    out = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": saved}, restore_args={"params": as_numpy}, partial_restore=True))
+  finally:
+    handler.close()
+  flat = {}
+  for keys, value in jax.tree_util.tree_flatten_with_path(out["params"])[0]:
+    path = tuple(str(k.key) for k in keys)
+    flat[path[:-1] if path[-1] == "value" else path] = value
+  return flat
+
+
 def restore_params(path: str | pathlib.Path) -> tuple[dict, dict]:
-  """The parameters of a checkpoint as a flat {path tuple: numpy array}, and its meta."""
+  """The parameters of a checkpoint as a flat {path tuple: numpy array}, and its meta.
+
+  `path` is anything `find` resolves. Path tuples are the `nnx` state paths as strings
+  (("encoder", "blocks", "0", "norm", "scale")); the optimizer state is not read.
+  """
   directory, step = find(path)
-  manager = ocp.CheckpointManager(directory)
-  metadata = manager.item_metadata(step)
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata["state"])),
-      meta=ocp.args.JsonRestore()))
-  manager.close()
-  flat = {tuple(str(k.key) for k in keys): value
-          for keys, value in jax.tree_util.tree_flatten_with_path(out["state"]["params"])[0]}
-  return flat, out["meta"]
+  meta = ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
+  return _params_only(directory / str(step) / "state"), meta
+
+
+def param_keys(params: Any) -> list[str]:
+  """The "/"-joined path of every leaf of a parameter tree (an `nnx.State` or a pure dict)."""
+  return ["/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def params_from_flat(abstract_params: Any, flat: dict[str, Any]) -> Any:
+  """`abstract_params`' tree with the arrays of `flat` ({"/"-joined path: array}) as leaves.
+
+  Works on concrete and traced arrays alike (exported programs call it on their inputs).
+
+  Raises:
+    WorkdirError: `flat` lacks a parameter of the tree or has one of another shape.
+  """
+  keys = param_keys(abstract_params)
+  leaves = jax.tree.leaves(abstract_params)
+  missing = [k for k in keys if k not in flat]
+  wrong = [f"{k}: saved {tuple(flat[k].shape)}, model {tuple(a.shape)}"
+           for k, a in zip(keys, leaves) if k in flat and tuple(flat[k].shape) != tuple(a.shape)]
+  if missing or wrong:
+    raise WorkdirError(f"The saved parameters do not fit this model: {len(missing)} missing "
+                       f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}), "
+                       f"{len(wrong)} of another shape ({'; '.join(wrong[:5])})")
+  return jax.tree.unflatten(jax.tree.structure(abstract_params), [flat[k] for k in keys])
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the config had (the config holds no lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_from_json(config: dict) -> ml_collections.ConfigDict:
+  """The locked config of a checkpoint's meta (inverse of `config_to_json`)."""
+  out = ml_collections.ConfigDict(_tuples(config))
+  out.lock()
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What inference needs of one checkpoint of a run: parameters (no optimizer state) and meta.
+
+  Attributes:
+    workdir: the run's folder.
+    step: the checkpoint's step.
+    params: {"/"-joined parameter path: numpy array}, e.g. "modalities/text/embedding".
+    config: the run's locked config.
+    task_names: the tasks the run was trained on.
+    tokenizer_bytes: the SentencePiece model proto (None for a run without text tasks).
+  """
+
+  workdir: pathlib.Path
+  step: int
+  params: dict[str, np.ndarray]
+  config: ml_collections.ConfigDict
+  task_names: list[str]
+  tokenizer_bytes: bytes | None
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+  """Loads checkpoint `step` (default: the latest) of the run in `workdir` for inference.
+
+  Raises:
+    WorkdirError: no such workdir, no checkpoint in it, or no checkpoint of `step` (the message
+      lists the steps there are).
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  if not workdir.is_dir():
+    raise WorkdirError(f"No run at {workdir}: the folder does not exist")
+  directory = workdir / "checkpoints"
+  available = checkpoint_steps(directory)
+  if not available:
+    raise WorkdirError(f"{workdir} holds no checkpoint (expected numbered folders in {directory})")
+  step = available[-1] if step is None else int(step)
+  if step not in available:
+    raise WorkdirError(f"{workdir} has no checkpoint of step {step}; its steps: {available}")
+  flat, meta = restore_params(directory / str(step))
+  return Run(workdir=workdir, step=step, params={"/".join(k): v for k, v in flat.items()},
+             config=config_from_json(meta["config"]), task_names=list(meta["tasks"]),
+             tokenizer_bytes=tokenizer_bytes(meta))

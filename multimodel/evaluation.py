@@ -11,6 +11,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,14 +34,23 @@ def _model_keys(batch: dict) -> dict:
 def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                   input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
                   decode: str = "greedy", beam_size: int = 4) -> dict:
-  """Metrics of one task on `split` (its first `max_examples`, 0 = all) and decoded outputs."""
+  """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
+
+  `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
+  for sequence targets (when decoding), class indices for label targets.
+  """
   spec = task_spec(task)
 
   @jax.jit
   def sums(params, batch):
-    _, metrics = objective.loss_fn(nnx.merge(graphdef, params), spec, batch, train=False)
+    model = nnx.merge(graphdef, params)
+    _, metrics = objective.loss_fn(model, spec, batch, train=False)
     keys = ("nll", "correct", "weight", "correct_top5")
-    return {k: metrics[k] for k in keys if k in metrics}
+    out = {k: metrics[k] for k in keys if k in metrics}
+    if task.target_modality == "label":  # The predicted classes are the classifier's outputs.
+      logits, _ = model(spec, batch["inputs"], batch["targets"], batch.get("input_mask"))
+      out["predictions"] = jnp.argmax(logits, axis=-1)  # [B]
+    return out
 
   totals, decoded, start = {}, [], time.time()
   decoder = None
@@ -51,8 +61,14 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):
-    for k, v in jax.device_get(sums(params, _model_keys(batch))).items():
+    out = jax.device_get(sums(params, _model_keys(batch)))
+    predictions = out.pop("predictions", None)
+    for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
+    if predictions is not None:
+      decoded += [{"index": int(index), "prediction": int(predictions[row]),
+                   "reference": int(batch["targets"][row])}
+                  for row, index in enumerate(batch["example_index"]) if index >= 0]
     if decoder is not None:
       tokens = np.asarray(decoder(params, batch["inputs"], batch.get("input_mask")))
       for row, index in enumerate(batch["example_index"]):

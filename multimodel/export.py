@@ -1,0 +1,239 @@
+"""Exports a trained run for inference: `python -m multimodel.export` / `multimodel-export`.
+
+    python -m multimodel.export --workdir runs/default --out exports/default \
+        [--tasks image_mnist5k,translate_en_fr] [--step S] [--batch_size 1] \
+        [--max_decode_length L] [--platforms cpu,cuda]
+
+The folder holds what `multimodel.predict` needs, and nothing that executes stored code:
+  params.npz        parameters only (no optimizer state): the body and the modality nets the
+                    exported tasks use, float32, keyed by "/"-joined path ("encoder/blocks/0/...");
+                    loads with `np.load(path, allow_pickle=False)`.
+  config.json       the run's config.
+  tokenizer.model   the SentencePiece model proto (runs with text tasks).
+  tasks.json        per task: modalities, command, classes, preprocessing settings (image size,
+                    audio features), length caps, metrics, and the program's input shapes.
+  TASK.jaxexport    per task, a serialized `jax.export` program of the prediction function
+                    `(params, inputs[, input_mask]) -> predictions` (see `prediction_fn`).
+  export.json       where it came from: workdir, step, batch size, platforms, jax version.
+
+Programs have a fixed batch size B (`--batch_size`; `predict` pads the last batch) and fixed input
+lengths (a task's `max_input_length` tokens or frames; shorter inputs are padded): the mixture of
+experts sizes its buffers from the number of tokens, which must be static. Shapes: B batch,
+S source length, T decoded length, H, W image size, M mel bins, K top classes.
+"""
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import modalities
+from data import tasks as tasks_lib
+from multimodel import checkpoint, decode, evaluate
+from multimodel.model import MultiModel, TaskSpec
+
+FORMAT_VERSION = 1
+TOP_K = 5
+
+
+def needed_modalities(task_list) -> tuple[str, ...]:
+  """The modality nets the tasks use, in `modalities.NAMES` order."""
+  used = {m for t in task_list for m in (t.input_modality, t.target_modality)}
+  return tuple(n for n in modalities.NAMES if n in used)
+
+
+def input_specs(task, config, batch_size: int) -> dict:
+  """{"inputs": (shape, dtype)[, "input_mask": (shape, dtype)]} of the task's program."""
+  b = batch_size
+  if task.input_modality == "image":
+    return {"inputs": ((b, task.image_size, task.image_size, 3), "float32")}  # [B, H, W, 3]
+  if task.input_modality == "text":
+    return {"inputs": ((b, task.max_input_length), "int32")}  # [B, S]
+  if task.input_modality == "audio":
+    s, m = task.max_input_length, config.model.audio.num_mel_bins
+    return {"inputs": ((b, s, m), "float32"), "input_mask": ((b, s), "bool")}  # [B, S, M], [B, S]
+  return {"inputs": ((b,), "int32")}  # label input: [B]
+
+
+def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int):
+  """The pure function a task's program holds.
+
+  `fn(params, inputs, input_mask=None)`, params {"/"-joined path: array} (those of
+  `abstract_params`), inputs and input_mask as `input_specs` says. Returns for a label target
+  {"classes": int32 [B, K], "probabilities": float32 [B, K]}, the K = min(5, num_classes) most
+  likely classes, best first; for a text target {"tokens": int32 [B, T]}, greedy decoding with
+  the incremental cache (EOS = 1 ends a sequence, 0 pads after it).
+  """
+  spec = TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
+
+  def fn(params, inputs, input_mask=None):
+    model = nnx.merge(graphdef, checkpoint.params_from_flat(abstract_params, params))
+    if task.target_modality == "label":
+      targets = jnp.zeros(inputs.shape[:1], jnp.int32)  # Unused by a label target.
+      logits, _ = model(spec, inputs, targets, input_mask)  # [B, num_classes]
+      probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits), min(TOP_K, task.num_classes))
+      return {"classes": classes.astype(jnp.int32), "probabilities": probabilities}  # [B, K]
+    tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length)
+    return {"tokens": tokens}  # [B, T]
+
+  return fn
+
+
+def class_names(task) -> list[str] | None:
+  """The names of a label target's classes, from the TFDS features of its source, when it has
+  them (None otherwise, e.g. for data that is not available here)."""
+  from data import sources  # pylint: disable=import-outside-toplevel  # Imports TF.
+  if task.target_modality != "label" or not isinstance(task.preprocess, tasks_lib.Fields):
+    return None
+  try:
+    feature = sources.builder(task).info.features[task.preprocess.targets]
+    names = [str(n) for n in feature.names]
+  except Exception:  # pylint: disable=broad-except  # Names are a convenience, never required.
+    return None
+  return names if len(names) == task.num_classes else None
+
+
+def task_info(task, config, *, batch_size: int, max_decode_length: int,
+              platforms: list[str]) -> dict:
+  """The JSON entry of a task in tasks.json."""
+  audio = config.model.audio
+  specs = input_specs(task, config, batch_size)
+  return {
+      "input_modality": task.input_modality,
+      "target_modality": task.target_modality,
+      "command": task.command,
+      "command_id": task.command_id,
+      "num_classes": task.num_classes,
+      "class_names": class_names(task),
+      "image_size": task.image_size,
+      "sample_rate": task.sample_rate,
+      "audio_features": {"sample_rate": audio.sample_rate, "frame_length": audio.frame_length,
+                         "frame_step": audio.frame_step, "num_mel_bins": audio.num_mel_bins},
+      "max_input_length": task.max_input_length,
+      "max_target_length": task.max_target_length,
+      "max_decode_length": max_decode_length if task.target_modality == "text" else None,
+      "metrics": list(task.metrics),
+      "batch_size": batch_size,
+      "inputs": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in specs.items()},
+      "outputs": (["classes", "probabilities"] if task.target_modality == "label"
+                  else ["tokens"]),
+      "program": f"{task.name}.jaxexport",
+      "platforms": platforms,
+  }
+
+
+def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
+           task_names: list[str] | None = None, step: int | None = None, batch_size: int = 1,
+           max_decode_length: int | None = None,
+           platforms: list[str] | None = None) -> pathlib.Path:
+  """Writes the export folder `out` (see the module docstring) and returns its path.
+
+  Args:
+    workdir: the trained run.
+    out: the folder to write (created; an earlier export there is replaced).
+    task_names: tasks to export (default: every task of the run); only the modality nets they
+      use are kept.
+    step: checkpoint step (default: the latest).
+    batch_size: B of every program.
+    max_decode_length: T of the text targets (default: each task's `max_target_length`).
+    platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu"; default: this machine's).
+  Raises:
+    checkpoint.WorkdirError: no such run or step. KeyError: a task the run was not trained on.
+  """
+  if batch_size < 1 or (max_decode_length is not None and max_decode_length < 1):
+    raise ValueError("batch_size and max_decode_length must be >= 1")
+  run = checkpoint.load_run(workdir, step)
+  task_list = [evaluate.run_task(run, n) for n in (task_names or run.task_names)]
+  platforms = list(platforms or [jax.default_backend()])
+  names = needed_modalities(task_list)
+  abstract = nnx.eval_shape(
+      lambda: MultiModel(run.config.model, modality_names=names, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  keys = checkpoint.param_keys(abstract_params)
+  params = {k: np.asarray(run.params[k]) for k in keys if k in run.params}
+  checkpoint.params_from_flat(abstract_params, params)  # Every parameter there, right shapes.
+  params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+
+  out = pathlib.Path(out).absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  for stale in out.glob("*.jaxexport"):  # Programs of an earlier export to the same folder.
+    stale.unlink()
+  tasks_json = {}
+  for task in task_list:
+    length = max_decode_length or task.max_target_length
+    fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length)
+    specs = [jax.ShapeDtypeStruct(shape, dtype)
+             for shape, dtype in input_specs(task, run.config, batch_size).values()]
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)
+    (out / f"{task.name}.jaxexport").write_bytes(exported.serialize())
+    tasks_json[task.name] = task_info(task, run.config, batch_size=batch_size,
+                                      max_decode_length=length, platforms=platforms)
+
+  with open(out / "params.npz", "wb") as f:
+    np.savez(f, **params)
+  (out / "config.json").write_text(run.config.to_json(indent=2) + "\n")
+  if run.tokenizer_bytes is not None:
+    (out / "tokenizer.model").write_bytes(run.tokenizer_bytes)
+  elif (out / "tokenizer.model").exists():
+    (out / "tokenizer.model").unlink()
+  (out / "tasks.json").write_text(json.dumps(tasks_json, indent=1) + "\n")
+  (out / "export.json").write_text(json.dumps({
+      "format_version": FORMAT_VERSION, "workdir": str(run.workdir), "step": run.step,
+      "tasks": [t.name for t in task_list], "modalities": list(names),
+      "batch_size": batch_size, "platforms": platforms, "jax_version": jax.__version__,
+      "num_parameters": int(sum(v.size for v in params.values())),
+  }, indent=1) + "\n")
+  return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="multimodel-export",
+      description="Writes a trained run's parameters and per-task jax.export programs.")
+  parser.add_argument("--workdir", required=True, help="The run's folder (as given to train.py).")
+  parser.add_argument("--out", required=True, help="The export folder to write.")
+  parser.add_argument("--tasks", default="",
+                      help="Comma-separated tasks to export (default: every task of the run).")
+  parser.add_argument("--step", type=int, default=None, help="Checkpoint step (default: latest).")
+  parser.add_argument("--batch_size", type=int, default=1, help="Batch size of the programs.")
+  parser.add_argument("--max_decode_length", type=int, default=None,
+                      help="Longest decoded output of text targets (default: the task's cap).")
+  parser.add_argument("--platforms", default="",
+                      help="Comma-separated platforms to lower for, e.g. cpu,cuda (default: this "
+                           "machine's).")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line; returns the exit status (2 on a usage error)."""
+  args = parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+  try:
+    out = export(args.workdir, args.out, task_names=split(args.tasks) or None, step=args.step,
+                 batch_size=args.batch_size, max_decode_length=args.max_decode_length,
+                 platforms=split(args.platforms) or None)
+  except KeyError as e:
+    print(f"error: {e.args[0]}", file=sys.stderr)
+    return 2
+  except (checkpoint.WorkdirError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  info = json.loads((out / "export.json").read_text())
+  print(f"exported {', '.join(info['tasks'])} (step {info['step']}, "
+        f"{info['num_parameters']:,} parameters, modality nets {', '.join(info['modalities'])}, "
+        f"batch {info['batch_size']}, {','.join(info['platforms'])}) to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,95 @@
+"""Evaluation of a trained run from its checkpoint: a tiny run trained by the real CLI on real
+embedded data; the evaluate CLI's table and JSON report; clear errors; parameters-only loading."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from multimodel import checkpoint, evaluate
+from tests import tiny_data
+from tests.test_export import train_tiny_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("MULTIMODEL_DATA_DIR", str(tiny_data.data_dir()))
+    path = tmp_path_factory.mktemp("run")
+    train_tiny_run(path)
+    yield path
+
+
+def test_cli_prints_the_table_and_writes_metrics_and_outputs(workdir):
+  environ = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(
+      [sys.executable, "-m", "multimodel.evaluate", "--workdir", str(workdir), "--task",
+       "translate_en_fr", "--max_examples", "4", "--step", "2"],
+      env=environ, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-4000:]
+  header, rule, *rows = result.stdout.splitlines()[1:-1]
+  assert header.split() == ["task", "metric", "value"] and set(rule) == {"-", " "}
+  assert {r.split()[1] for r in rows} == {"bleu", "chrf", "token_accuracy", "log_perplexity"}
+  assert "translate_en_fr (test split, step 2, 4 examples" in result.stdout
+  report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
+  assert (report["task"], report["split"], report["step"], report["examples"]) == (
+      "translate_en_fr", "test", 2, 4)
+  assert 0 <= report["bleu"] <= 100 and 0 <= report["chrf"] <= 100
+  assert 0 <= report["token_accuracy"] <= 1 and np.isfinite(report["log_perplexity"])
+  assert [d["index"] for d in report["decoded"]] == [0, 1, 2, 3]
+  assert all(isinstance(d["prediction"], str) and d["reference"] for d in report["decoded"])
+
+
+def test_classifier_report_holds_accuracy_and_predicted_classes(workdir, capsys):
+  assert evaluate.main(["--workdir", str(workdir), "--task", "image_mnist5k",
+                        "--max_examples", "5"]) == 0
+  out = capsys.readouterr().out
+  assert "image_mnist5k  accuracy" in out and "image_mnist5k  top5" in out
+  report = json.loads((workdir / "eval" / "image_mnist5k-test.json").read_text())
+  assert report["examples"] == 5 and 0 <= report["accuracy"] <= report["top5"] <= 1
+  assert [d["index"] for d in report["decoded"]] == list(range(5))
+  assert all(0 <= d["prediction"] < 10 and 0 <= d["reference"] < 10 for d in report["decoded"])
+  correct = sum(d["prediction"] == d["reference"] for d in report["decoded"])
+  assert report["accuracy"] == pytest.approx(correct / 5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "no_such_task"], "unknown task; the run in {w} was not trained on 'no_such_task'; "
+                                 "its tasks: image_mnist5k, translate_en_fr"),
+    (["--task", "translate_en_de"], "the run in {w} was not trained on 'translate_en_de'; its "
+                                    "tasks: image_mnist5k, translate_en_fr"),
+    (["--task", "image_mnist5k", "--step", "7"], "{w} has no checkpoint of step 7; its steps: [2]"),
+])
+def test_errors_name_the_problem(workdir, capsys, args, message):
+  assert evaluate.main(["--workdir", str(workdir), *args]) == 2
+  assert capsys.readouterr().err.strip() == "error: " + message.format(w=workdir)
+
+
+def test_missing_workdir(tmp_path, capsys):
+  assert evaluate.main(["--workdir", str(tmp_path / "nothing"), "--task", "image_mnist5k"]) == 2
+  assert "the folder does not exist" in capsys.readouterr().err
+  assert evaluate.main(["--workdir", str(tmp_path), "--task", "image_mnist5k"]) == 2
+  assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_load_run_reads_parameters_config_and_tokenizer(workdir):
+  run = checkpoint.load_run(workdir)
+  assert run.step == 2 and run.task_names == ["image_mnist5k", "translate_en_fr"]
+  assert run.config.model.d_model == 32 and run.config.model.dilations == (1, 1, 2, 4)
+  assert run.tokenizer_bytes and run.tokenizer_bytes[:2] != b"{}"
+  # Parameters only: the optimizer's moments are not read.
+  assert all(k.split("/")[0] in ("commands", "encoder", "mixer", "decoder", "modalities")
+             for k in run.params)
+  graphdef, params = evaluate.model_from_run(run)
+  assert len(checkpoint.param_keys(params)) == len(run.params)
+  flat, meta = checkpoint.restore_params(workdir)
+  assert {"/".join(k) for k in flat} == run.params.keys()
+  assert meta["tasks"] == run.task_names
+  subset = evaluate.model_from_run(run, ("image", "label"))[1]
+  assert not [k for k in checkpoint.param_keys(subset) if k.startswith("modalities/text")]
