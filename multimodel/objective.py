@@ -23,6 +23,12 @@ def expert_loads(aux: dict) -> dict:
   return {name: layer["load"] for name, layer in aux.items() if "load" in layer}
 
 
+def dropped_fractions(aux: dict) -> dict:
+  """{layer name: share of (token, expert) assignments dropped for capacity}."""
+  return {name: layer["dropped_fraction"] for name, layer in aux.items()
+          if "dropped_fraction" in layer}
+
+
 def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
             rngs: nnx.Rngs | None = None) -> tuple[Array, dict]:
   """(scalar loss, metrics) of one task's batch.
@@ -30,7 +36,7 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   batch: `inputs`, `targets`, optional `input_mask` and `example_mask` (bool [B], False for the
   padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`,
   and `correct_top5` for label targets), so that evaluation can add them over batches, plus
-  `task_loss`, `moe_loss` and `expert_load`.
+  `task_loss`, `moe_loss`, `expert_load` and `expert_dropped`.
   """
   logits, aux = model(task, batch["inputs"], batch["targets"], batch.get("input_mask"),
                       train=train, rngs=rngs)
@@ -40,7 +46,8 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   sums = target.loss(logits, batch["targets"], weights, model.label_smoothing)
   task_loss = sums["loss"] / jnp.maximum(sums["weight"], 1.0)
   moe_loss = moe_losses(aux)
-  metrics = dict(sums, task_loss=task_loss, moe_loss=moe_loss, expert_load=expert_loads(aux))
+  metrics = dict(sums, task_loss=task_loss, moe_loss=moe_loss, expert_load=expert_loads(aux),
+                 expert_dropped=dropped_fractions(aux))
   if logits.ndim == 2:  # Class labels: also count top-5 hits.
     k = min(5, logits.shape[-1])
     hit = (jax.lax.top_k(logits, k)[1] == batch["targets"][:, None]).any(-1)

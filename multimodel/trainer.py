@@ -129,7 +129,7 @@ class _Window:
     self.examples += examples
     for task, m in task_metrics.items():
       s = self.sums.setdefault(task, {"steps": 0, "loss": 0.0, "nll": 0.0, "correct": 0.0,
-                                      "weight": 0.0, "moe_loss": 0.0, "load": {}})
+                                      "weight": 0.0, "moe_loss": 0.0, "load": {}, "dropped": {}})
       s["steps"] += 1
       s["loss"] += float(m["task_loss"])
       s["moe_loss"] += float(m["moe_loss"])
@@ -137,11 +137,14 @@ class _Window:
         s[key] += float(m[key])
       for layer, load in m["expert_load"].items():
         s["load"][layer] = s["load"].get(layer, 0.0) + np.asarray(load, np.float64)
+      for layer, dropped in m["expert_dropped"].items():
+        s["dropped"][layer] = s["dropped"].get(layer, 0.0) + float(dropped)
 
   def record(self) -> dict:
     seconds = max(time.time() - self.start, 1e-9)
     out = {"examples_per_second": self.examples / seconds, "loss": {}, "log_perplexity": {},
-           "token_accuracy": {}, "moe_loss": {}, "expert_load": {}, "steps": {}}
+           "token_accuracy": {}, "moe_loss": {}, "expert_load": {}, "expert_dropped": {},
+           "steps": {}}
     for task, s in self.sums.items():
       n, w = s["steps"], max(s["weight"], 1.0)
       out["loss"][task] = s["loss"] / n
@@ -150,6 +153,7 @@ class _Window:
       out["moe_loss"][task] = s["moe_loss"] / n
       out["steps"][task] = n
       out["expert_load"][task] = {k: (v / n).round(5).tolist() for k, v in s["load"].items()}
+      out["expert_dropped"][task] = {k: round(v / n, 5) for k, v in s["dropped"].items()}
     return out
 
 

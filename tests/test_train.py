@@ -84,6 +84,8 @@ def test_cli_end_to_end(straight_run):
   assert seen <= {"image_mnist5k", "translate_en_fr"} and seen
   load = next(iter(records[0]["expert_load"].values()))
   assert "encoder" in load and len(load["encoder"]) == 4
+  dropped = next(iter(records[0]["expert_dropped"].values()))
+  assert 0.0 <= dropped["encoder"] <= 1.0
   assert list((workdir / "tensorboard").iterdir())
   assert (workdir / "config.json").exists()
   # The final table: one row per (task, metric), for both tasks.
@@ -231,3 +233,27 @@ def test_nonfinite_in_a_row_stops_naming_step_and_task(tmp_path):
     trainer.train_and_evaluate(small_config(steps=20, max_nonfinite_in_row=3), tmp_path,
                                mixture=mixture, progress=False)
   assert checkpoint.Checkpoints(tmp_path).latest_step() is None  # nothing non-finite was saved
+
+
+def test_init_warm_starts_from_another_run(straight_run, env, tmp_path):
+  """--init copies the weights: with a zero learning rate they stay exactly the source's."""
+  environ, cache = env
+  source, _ = straight_run
+  result = run(train_cmd(tmp_path, cache, "--config.train.steps=1", "--config.train.learning_rate=0.0",
+                         "--config.train.eval_max_examples=-1", "--config.train.plot=False",
+                         "--init", str(source)), environ)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert_same_params(final_params(tmp_path), final_params(source))
+
+
+def test_all_tasks_step_sums_every_task(env, tmp_path, monkeypatch):
+  """The weighted multi-task step: every step trains on a batch of each task."""
+  tiny_data.use(monkeypatch)
+  config = small_config(steps=2, step_mode="all_tasks")
+  with config.unlocked():
+    config.data.tasks = "image_mnist5k,translate_en_fr"
+    config.data.text_buckets = (64,)
+    config.data.tokens_per_batch, config.data.image_batch_size = 256, 16
+  trainer.train_and_evaluate(config, tmp_path, progress=False)
+  records = writer.read(tmp_path)
+  assert [r["steps"] for r in records] == [{"image_mnist5k": 1, "translate_en_fr": 1}] * 2
