@@ -14,13 +14,12 @@ Shape legend: H, W image height and width, F audio frames, M mel bins, L sequenc
 
 from collections.abc import Callable, Mapping
 import dataclasses
-import math
 from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
 from data import tokenizer as tokenizer_lib
-from modalities import audio_features
+from modalities import audio_features, image_features
 
 if TYPE_CHECKING:
   from data.tasks import Task
@@ -52,42 +51,13 @@ def as_text(value: Any) -> str:
   return str(value)
 
 
-def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 [H, W, C] so the shorter side is `size`, then crops the centre square."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  h, w, c = image.shape
-  if (h, w) == (size, size):
-    return image
-  scale = size / min(h, w)
-  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-  pil = Image.fromarray(image[..., 0] if c == 1 else image)
-  resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))  # Antialiased when shrinking.
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return resized.reshape(new_h, new_w, c)[top:top + size, left:left + size]
+resize_and_crop = image_features.resize_and_crop
+resample = audio_features.resample
 
 
 def image(value: Any, size: int | None = None) -> np.ndarray:
   """uint8 [H, W, C] (C = 1 or 3) -> float32 [H', W', 3] in [-1, 1]."""
-  img = np.asarray(value)
-  if img.ndim == 2:
-    img = img[..., None]
-  if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"expected an image [H, W, C] with C in (1, 3, 4), got shape {img.shape}")
-  img = img[..., :3]
-  if size is not None:
-    img = resize_and_crop(img, size)
-  if img.shape[-1] == 1:
-    img = np.repeat(img, 3, axis=-1)
-  return img.astype(np.float32) / 127.5 - 1.0
-
-
-def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-  """Polyphase resampling of [N] float from `rate` to `target_rate` Hz."""
-  if rate == target_rate:
-    return wave
-  from scipy import signal  # pylint: disable=import-outside-toplevel
-  g = math.gcd(rate, target_rate)
-  return signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
+  return image_features.normalize(np.asarray(value), size)
 
 
 def audio(value: Any, sample_rate: int, features: AudioFeatures) -> np.ndarray:

@@ -4,6 +4,7 @@ Kept apart from the audio modality net so that the input pipeline needs no JAX.
 """
 
 import functools
+import math
 
 import numpy as np
 
@@ -52,3 +53,12 @@ def log_mel(waveform: np.ndarray, sample_rate: int = 16000, frame_length: int = 
   mel = np.einsum("fk,km->fm", power, mel_matrix(num_mel_bins, fft_length // 2 + 1, sample_rate),
                   optimize=False)  # [F, M]
   return np.log(mel + 1e-6).astype(np.float32)
+
+
+def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+  """Polyphase resampling of [N] float from `rate` to `target_rate` Hz."""
+  if rate == target_rate:
+    return wave
+  from scipy import signal  # pylint: disable=import-outside-toplevel
+  g = math.gcd(rate, target_rate)
+  return signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)

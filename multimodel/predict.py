@@ -19,8 +19,9 @@ over the task's length cap are cut to it, with a warning.
 
 Needs only jax, numpy, sentencepiece (text), pillow (images), soundfile and scipy (audio; scipy
 comes with jax): nothing of the training code, flax, optax, orbax or TensorFlow is imported.
-The log-mel features come from `modalities/audio_features.py` (numpy only), loaded by path so that
-the modality nets next to it are not imported. A file of the wrong kind, a corrupt file or an
+Images and log-mel features are prepared by `modalities/image_features.py` and
+`modalities/audio_features.py` (numpy only; the input pipeline uses the same functions), loaded by
+path so that the modality nets next to them are not imported. A file of the wrong kind, a corrupt file or an
 unknown task stops with a one-line error naming it (exit status 2).
 
 Shape legend: B batch, S source length, T decoded length, H, W image size, M mel bins,
@@ -31,7 +32,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import pathlib
 import sys
 import zipfile
@@ -49,31 +49,9 @@ class PredictError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Preprocessing: the same arrays as `data.preprocess` makes of the same inputs.
 
-def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 [H, W, C] so the shorter side is `size`, then crops the centre square."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  h, w, c = image.shape
-  if (h, w) == (size, size):
-    return image
-  scale = size / min(h, w)
-  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-  pil = Image.fromarray(image[..., 0] if c == 1 else image)
-  resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))  # Antialiased when shrinking.
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return resized.reshape(new_h, new_w, c)[top:top + size, left:left + size]
-
-
 def normalize_image(image: np.ndarray, size: int | None) -> np.ndarray:
   """uint8 [H, W, C] (C = 1, 3 or 4) -> float32 [size, size, 3] in [-1, 1]."""
-  img = np.asarray(image)
-  if img.ndim == 2:
-    img = img[..., None]
-  img = img[..., :3]
-  if size is not None:
-    img = resize_and_crop(img, size)
-  if img.shape[-1] == 1:
-    img = np.repeat(img, 3, axis=-1)
-  return img.astype(np.float32) / 127.5 - 1.0
+  return _features("image_features").normalize(image, size)
 
 
 def read_image(path: pathlib.Path) -> np.ndarray:
@@ -100,28 +78,20 @@ def load_image(path: str | pathlib.Path, size: int | None) -> np.ndarray:
   return normalize_image(read_image(pathlib.Path(path)), size)
 
 
-def _audio_features():
-  """`modalities/audio_features.py`, loaded by path: importing the `modalities` package would
+def _features(name: str):
+  """`modalities/NAME.py` (numpy only), loaded by path: importing the `modalities` package would
   import the modality nets (flax) along with it."""
-  module = sys.modules.get("modalities.audio_features")
+  module = sys.modules.get(f"modalities.{name}") or sys.modules.get(f"multimodel_predict_{name}")
   if module is not None:
     return module
-  path = pathlib.Path(__file__).resolve().parents[1] / "modalities" / "audio_features.py"
-  spec = importlib.util.spec_from_file_location("multimodel_predict_audio_features", path)
+  path = pathlib.Path(__file__).resolve().parents[1] / "modalities" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"multimodel_predict_{name}", path)
   if spec is None or not path.is_file():
-    raise PredictError(f"modalities/audio_features.py not found next to {pathlib.Path(__file__)}")
+    raise PredictError(f"modalities/{name}.py not found next to {pathlib.Path(__file__)}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  sys.modules[f"multimodel_predict_{name}"] = module
   return module
-
-
-def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-  """Polyphase resampling of [N] float from `rate` to `target_rate` Hz."""
-  if rate == target_rate:
-    return wave
-  from scipy import signal  # pylint: disable=import-outside-toplevel
-  g = math.gcd(rate, target_rate)
-  return signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
 
 
 def read_audio(path: pathlib.Path) -> tuple[np.ndarray, int]:
@@ -140,8 +110,9 @@ def read_audio(path: pathlib.Path) -> tuple[np.ndarray, int]:
 
 def log_mel(wave: np.ndarray, rate: int, features: dict) -> np.ndarray:
   """Waveform [N] float at `rate` -> float32 [F, M] log-mel frames (`features` of tasks.json)."""
-  wave = resample(np.asarray(wave, np.float32), rate, features["sample_rate"])
-  return _audio_features().log_mel(wave, features["sample_rate"], features["frame_length"],
+  audio_features = _features("audio_features")
+  wave = audio_features.resample(np.asarray(wave, np.float32), rate, features["sample_rate"])
+  return audio_features.log_mel(wave, features["sample_rate"], features["frame_length"],
                                    features["frame_step"], features["num_mel_bins"])
 
 

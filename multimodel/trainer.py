@@ -103,7 +103,7 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array, *
     return total, metrics
 
   (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
