@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
 def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
   """Seconds of one jitted train step of `config` on a real batch of each task (after compile)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from multimodel import optim, trainer  # pylint: disable=import-outside-toplevel
+  from multimodel import evaluation, optim, trainer  # pylint: disable=import-outside-toplevel
   from multimodel.model import MultiModel  # pylint: disable=import-outside-toplevel
 
   model = MultiModel(config.model, rngs=nnx.Rngs(0))
@@ -108,7 +108,7 @@ def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
     batches.setdefault(name, batch)
   out = {}
   for name, batch in batches.items():
-    spec = trainer.task_spec(mix.tasks[name])
+    spec = evaluation.task_spec(mix.tasks[name])
     step = jax.jit(lambda st, b, spec=spec, name=name: trainer.train_step(
         st, {name: b}, jax.random.key(0), np.ones(1, np.float32), graphdef=graphdef, tx=tx,
         tasks=((name, spec),)))

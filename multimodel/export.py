@@ -36,8 +36,8 @@ from flax import nnx
 
 import modalities
 from data import tasks as tasks_lib
-from multimodel import checkpoint, decode, evaluate
-from multimodel.model import MultiModel, TaskSpec
+from multimodel import checkpoint, decode, evaluate, evaluation
+from multimodel.model import MultiModel
 
 FORMAT_VERSION = 1
 TOP_K = 5
@@ -71,7 +71,7 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int):
   likely classes, best first; for a text target {"tokens": int32 [B, T]}, greedy decoding with
   the incremental cache (EOS = 1 ends a sequence, 0 pads after it).
   """
-  spec = TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
+  spec = evaluation.task_spec(task)
 
   def fn(params, inputs, input_mask=None):
     model = nnx.merge(graphdef, checkpoint.params_from_flat(abstract_params, params))

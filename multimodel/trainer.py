@@ -38,10 +38,6 @@ class NonFiniteError(RuntimeError):
   """Too many steps in a row had a non-finite loss or gradient."""
 
 
-def task_spec(task: tasks_lib.Task) -> TaskSpec:
-  return TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Devices.
 
@@ -255,7 +251,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
 
   def step_fn(names: tuple[str, ...]):
     if names not in step_fns:
-      specs = tuple((n, task_spec(mixture.tasks[n])) for n in names)
+      specs = tuple((n, evaluation.task_spec(mixture.tasks[n])) for n in names)
       step_fns[names] = jax.jit(
           functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs),
           in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
