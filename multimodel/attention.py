@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multimodel import sharding
+from multimodel import conv, sharding
 
 Array = jax.Array
 NEG_INF = -1e9
@@ -115,14 +115,6 @@ class AttentionBlock(nnx.Module):
     y = self.dropout(y, deterministic=not train, rngs=rngs)
     return norm((x + y).astype(jnp.float32)).astype(x.dtype)
 
-  @staticmethod
-  def _mean_memory(memory: Array, memory_mask: Array | None) -> Array:
-    """Masked mean of memory [B, S, D] -> [B, 1, D]."""
-    if memory_mask is None:
-      return memory.mean(axis=1, keepdims=True)
-    m = memory_mask[..., None].astype(memory.dtype)
-    return (memory * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
-
   def __call__(self, x: Array, memory: Array, memory_mask: Array | None = None, *,
                train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
     """x [B, T, D] (causal over T), memory [B, S, D], memory_mask bool [B, S] -> [B, T, D]."""
@@ -131,7 +123,8 @@ class AttentionBlock(nnx.Module):
       x = self._residual(self.self_norm, x, self.self_attn(h, h, causal_mask(x.shape[1])),
                          train, rngs)
     if not self.enabled:
-      return self._residual(self.cross_norm, x, self._mean_memory(memory, memory_mask), train, rngs)
+      mean = conv.masked_mean(memory, memory_mask, keepdims=True)  # [B, 1, D]
+      return self._residual(self.cross_norm, x, mean, train, rngs)
     mask = None if memory_mask is None else memory_mask[:, None, :]  # [B, 1, S]
     return self._residual(self.cross_norm, x, self.cross_attn(add_timing(x), memory, mask),
                           train, rngs)
@@ -142,7 +135,7 @@ class AttentionBlock(nnx.Module):
     state = {"memory_mask": (jnp.ones(memory.shape[:2], bool) if memory_mask is None
                              else memory_mask)}
     if not self.enabled:
-      state["memory_mean"] = self._mean_memory(memory, memory_mask)
+      state["memory_mean"] = conv.masked_mean(memory, memory_mask, keepdims=True)
       return state
     state["cross_k"], state["cross_v"] = self.cross_attn.project_kv(memory)
     if self.has_self:

@@ -25,6 +25,14 @@ def apply_mask(x: Array, mask: Array | None) -> Array:
   return x if mask is None else x * mask[..., None].astype(x.dtype)
 
 
+def masked_mean(x: Array, mask: Array | None, keepdims: bool = False) -> Array:
+  """Mean over real positions: x [B, L, D], mask bool [B, L] or None -> [B, D] ([B, 1, D])."""
+  if mask is None:
+    return x.mean(axis=1, keepdims=keepdims)
+  m = mask[..., None].astype(x.dtype)
+  return (x * m).sum(1, keepdims=keepdims) / jnp.maximum(m.sum(1, keepdims=keepdims), 1.0)
+
+
 class SeparableConv(nnx.Module):
   """Depthwise conv (k taps, dilation) along L, then a pointwise projection D_in -> D_out."""
 

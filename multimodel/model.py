@@ -38,14 +38,6 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-def masked_mean(x: Array, mask: Array | None) -> Array:
-  """x [B, L, D], mask bool [B, L] or None -> [B, D]."""
-  if mask is None:
-    return x.mean(axis=1)
-  m = mask[..., None].astype(x.dtype)
-  return (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-
-
 class ExpertsBlock(nnx.Module):
   """Mixture of experts (or a dense feed-forward layer) with residual, dropout and layer norm."""
 
@@ -217,7 +209,7 @@ class MultiModel(nnx.Module):
     enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
     target = self._modality(task.target_modality)
     if not target.autoregressive:
-      pooled = masked_mean(enc, enc_mask) + self.command(task)  # [B, D]
+      pooled = conv.masked_mean(enc, enc_mask) + self.command(task)  # [B, D]
       return target.logits(pooled, task.num_classes), {"encoder": enc_aux}
     y = self.dropout(self._decoder_inputs(task, targets), deterministic=not train, rngs=rngs)
     y = self.mixer(y, enc, enc_mask, train=train, rngs=rngs)

@@ -391,35 +391,18 @@ def _opt_state_sharding(abstract_opt_state, params_sharding, replicated):
 
 def _warm_start(state, init, params_sharding):
   """Copies every parameter of the `init` checkpoint whose path and shape match this model's."""
-  saved, meta = checkpoint.restore_params(init)
-  flat = nnx.to_flat_state(state["params"])
-  copied, kept = 0, []
-  new = {}
-  for path, variable in flat:
-    key = tuple(str(p) for p in path)
-    value = saved.get(key)
-    if value is not None and value.shape == variable[...].shape:
-      new[path] = value
-      copied += 1
-    else:
-      kept.append("/".join(key))
+  saved, _ = checkpoint.restore_params(init)
+  saved = {"/".join(key): value for key, value in saved.items()}
   params = state["params"]
-  nnx.replace_by_pure_dict(params, _nest(new, nnx.to_pure_dict(params)))
-  params = jax.device_put(params, params_sharding)
+  keys, leaves = checkpoint.param_keys(params), jax.tree.leaves(params)
+  fits = [k in saved and saved[k].shape == a.shape for k, a in zip(keys, leaves)]
+  new_leaves = [saved[k] if fit else a for k, a, fit in zip(keys, leaves, fits)]
+  params = jax.device_put(jax.tree.unflatten(jax.tree.structure(params), new_leaves),
+                          params_sharding)
+  kept = [k for k, fit in zip(keys, fits) if not fit]
   log.info("Warm start from %s: %d parameter arrays copied, %d kept from initialisation%s",
-           init, copied, len(kept), f" ({', '.join(kept[:8])}...)" if kept else "")
+           init, len(keys) - len(kept), len(kept), f" ({', '.join(kept[:8])}...)" if kept else "")
   return dict(state, params=params)
-
-
-def _nest(flat: dict, template: dict) -> dict:
-  """Puts flat {path: value} into a copy of the nested pure dict `template`."""
-  out = jax.tree.map(lambda x: x, template)
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node[key]
-    node[path[-1]] = value
-  return out
 
 
 def _progress(total: int, initial: int, enabled: bool):
