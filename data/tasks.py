@@ -86,6 +86,10 @@ class Task:
     metrics: names of the evaluation metrics ("accuracy", "bleu", "wer", ...).
     splits: TFDS split names for the keys "train", "eval" (evaluation during training) and "test".
     num_classes: number of classes of a label target (0 for text targets).
+    label_offset: first of the task's `num_classes` slots in the model's shared label space
+      (`model.num_labels` slots). Tasks whose classes mean the same thing share slots (`mnist`
+      and `image_mnist5k`); tasks with different classes get disjoint slots, so that one output
+      unit never has to mean "digit 3" and "dress" at once.
     weight: default sampling weight multiplier in a mixture.
     embedded: True when the data is built offline by `python -m data.prepare` into
       `data.paths.tfds_dir()`; False for TFDS catalogue datasets (TFDS downloads them when first
@@ -110,6 +114,7 @@ class Task:
   metrics: tuple[str, ...]
   splits: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPLITS))
   num_classes: int = 0
+  label_offset: int = 0
   weight: float = 1.0
   embedded: bool = False
   max_input_length: int = 256
@@ -132,6 +137,8 @@ class Task:
       raise ValueError(f"task {self.name!r}: a label target needs num_classes >= 2")
     if self.input_modality == "label" and self.num_classes < 2:
       raise ValueError(f"task {self.name!r}: a label input needs num_classes >= 2")
+    if self.label_offset < 0:
+      raise ValueError(f"task {self.name!r}: label_offset must be >= 0, got {self.label_offset}")
     missing = {"train", "eval"} - set(self.splits)
     if missing:
       raise ValueError(f"task {self.name!r}: splits lacks {sorted(missing)}")
@@ -197,7 +204,8 @@ _SPEECH_METRICS = ("wer", "cer")
 register(Task("image_mnist5k", "image_mnist5k", Fields("image", "label"), "image", "label",
               "to_label", _IMAGE_METRICS, num_classes=10, embedded=True, image_size=28))
 register(Task("image_fashion", "image_fashion", Fields("image", "label"), "image", "label",
-              "to_label", _IMAGE_METRICS, num_classes=10, embedded=True, image_size=28))
+              "to_label", _IMAGE_METRICS, num_classes=10, label_offset=10, embedded=True,
+              image_size=28))
 for _src, _tgt in (("en", "fr"), ("fr", "en"), ("en", "de"), ("de", "en")):
   _pair = "en_fr" if "fr" in (_src, _tgt) else "en_de"
   register(Task(f"translate_{_src}_{_tgt}", f"translate_{_pair}", Fields(_src, _tgt), "text",
@@ -212,14 +220,16 @@ register(Task("parse_en", "parse_en", Fields("sentence", "tree"), "text", "text"
               max_target_length=256, input_buckets=(16, 16, 32, 64),
               target_buckets=(32, 64, 128, 256)))
 register(Task("sentiment_reviews", "sentiment_reviews", Fields("text", "label"), "text", "label",
-              "to_label", ("accuracy",), num_classes=2, embedded=True, max_input_length=256))
+              "to_label", ("accuracy",), num_classes=2, label_offset=20, embedded=True,
+              max_input_length=256))
 
 # Public TFDS catalogue tasks (need internet on first use; imagenet2012 needs a manual download).
 _CATALOGUE_SPLITS = {"train": "train", "eval": "test", "test": "test"}
 register(Task("mnist", "mnist", Fields("image", "label"), "image", "label", "to_label",
               _IMAGE_METRICS, splits=_CATALOGUE_SPLITS, num_classes=10, image_size=28))
 register(Task("cifar10", "cifar10", Fields("image", "label"), "image", "label", "to_label",
-              _IMAGE_METRICS, splits=_CATALOGUE_SPLITS, num_classes=10, image_size=32))
+              _IMAGE_METRICS, splits=_CATALOGUE_SPLITS, num_classes=10, label_offset=30,
+              image_size=32))
 register(Task("imagenet2012", "imagenet2012", Fields("image", "label"), "image", "label",
               "to_label", _IMAGE_METRICS, num_classes=1000, image_size=64,
               splits={"train": "train", "eval": "validation", "test": "validation"}))

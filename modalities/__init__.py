@@ -5,7 +5,7 @@ An input modality maps a task's raw batch `inputs` into the body's width:
 A target modality embeds targets for the decoder and turns the body's output into predictions:
   `autoregressive: bool` (False: the decoder is skipped and `logits` reads the pooled encoder);
   `embed_targets(targets [B, T]) -> [B, T, D]` (autoregressive only);
-  `logits(h, num_classes) -> [B, T, V]` or `[B, num_classes]`;
+  `logits(h, num_classes, label_offset) -> [B, T, V]` or `[B, num_classes]`;
   `loss(logits, targets, weights, label_smoothing) -> dict of sums` (`loss`, `nll`, `correct`,
   `weight`): sums over real positions, so the trainer and the evaluator divide the same way.
 """

@@ -14,7 +14,8 @@ class Label(nnx.Module):
   """One label space of `num_labels` slots shared by every classification task.
 
   As a target: the masked mean of the encoder output plus the command embedding goes through a
-  dense layer to logits; a task with `num_classes` classes reads the first `num_classes` of them.
+  dense layer to logits; a task with `num_classes` classes reads its own slots
+  `[label_offset, label_offset + num_classes)` of them.
   As an input: labels embed like tokens.
   """
 
@@ -22,7 +23,7 @@ class Label(nnx.Module):
 
   def __init__(self, num_labels: int, d_model: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.d_model, self.dtype = d_model, dtype
+    self.d_model, self.dtype, self.num_labels = d_model, dtype, num_labels
     init = nnx.with_partitioning(nnx.initializers.normal(d_model ** -0.5),
                                  (sharding.LABELS, sharding.EMBED))
     self.embedding = nnx.Param(init(rngs.params(), (num_labels, d_model), param_dtype))
@@ -40,9 +41,13 @@ class Label(nnx.Module):
     emb = jnp.take(self.embedding[...], ids, axis=0) * self.d_model ** 0.5
     return emb.astype(self.dtype), input_mask
 
-  def logits(self, pooled: Array, num_classes: int) -> Array:
-    """pooled [B, D] (encoder mean + command) -> float32 [B, num_classes]."""
-    return self.head(pooled.astype(self.dtype)).astype(jnp.float32)[:, :num_classes]
+  def logits(self, pooled: Array, num_classes: int, label_offset: int = 0) -> Array:
+    """pooled [B, D] (encoder mean + command) -> float32 [B, num_classes] (the task's slots)."""
+    if label_offset + num_classes > self.num_labels:
+      raise ValueError(f"label slots [{label_offset}, {label_offset + num_classes}) exceed the "
+                       f"model's label space of model.num_labels={self.num_labels}")
+    logits = self.head(pooled.astype(self.dtype)).astype(jnp.float32)
+    return logits[:, label_offset:label_offset + num_classes]
 
   def loss(self, logits: Array, targets: Array, weights: Array | None,
            label_smoothing: float) -> dict:

@@ -44,9 +44,9 @@ class Text(nnx.Module):
     """targets int [B, T] -> [B, T, D]."""
     return self._embed(targets)
 
-  def logits(self, h: Array, num_classes: int = 0) -> Array:
+  def logits(self, h: Array, num_classes: int = 0, label_offset: int = 0) -> Array:
     """h [B, T, D] -> float32 [B, T, V]."""
-    del num_classes
+    del num_classes, label_offset
     if self.output is None:
       w = self.embedding[...].astype(self.dtype)  # [V, D]
       return jnp.einsum("BTD,VD->BTV", h.astype(self.dtype), w).astype(jnp.float32)

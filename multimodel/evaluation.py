@@ -24,7 +24,8 @@ from multimodel.model import TaskSpec
 
 
 def task_spec(task: Task) -> TaskSpec:
-  return TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes)
+  return TaskSpec(task.input_modality, task.target_modality, task.command_id, task.num_classes,
+                  task.label_offset)
 
 
 def _model_keys(batch: dict) -> dict:

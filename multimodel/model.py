@@ -30,6 +30,7 @@ class TaskSpec:
   target_modality: str
   command_id: int
   num_classes: int = 0
+  label_offset: int = 0
 
 
 def compute_dtype(name: str):
@@ -210,7 +211,8 @@ class MultiModel(nnx.Module):
     target = self._modality(task.target_modality)
     if not target.autoregressive:
       pooled = conv.masked_mean(enc, enc_mask) + self.command(task)  # [B, D]
-      return target.logits(pooled, task.num_classes), {"encoder": enc_aux}
+      return (target.logits(pooled, task.num_classes, task.label_offset),
+              {"encoder": enc_aux})
     y = self.dropout(self._decoder_inputs(task, targets), deterministic=not train, rngs=rngs)
     y = self.mixer(y, enc, enc_mask, train=train, rngs=rngs)
     h, dec_aux = self.decoder(y, enc, enc_mask, targets != 0, train=train, rngs=rngs)

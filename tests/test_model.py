@@ -69,6 +69,21 @@ def test_shapes_every_modality_pair(model, input_modality, target_modality):
   assert np.isfinite(float(loss)) and float(metrics["weight"]) > 0
 
 
+def test_label_tasks_read_their_own_slots(model):
+  rng = np.random.default_rng(0)
+  model = nnx.clone(model)
+  head = model.modalities["label"].head.kernel  # Zero-initialised: make the slots differ.
+  head[...] = jnp.asarray(rng.normal(size=head[...].shape), jnp.float32)
+  inputs, _ = raw_inputs("image", rng)
+  targets = jnp.array([1, 0])
+  full, _ = model(TaskSpec("image", "label", 0, num_classes=16), inputs, targets)
+  part, _ = model(TaskSpec("image", "label", 0, num_classes=3, label_offset=5), inputs, targets)
+  np.testing.assert_array_equal(part, full[:, 5:8])
+  num_labels = model.modalities["label"].num_labels
+  with pytest.raises(ValueError, match="num_labels"):
+    model(TaskSpec("image", "label", 0, num_classes=3, label_offset=num_labels - 2), inputs, targets)
+
+
 def test_image_positions_follow_size(model):
   """28x28 -> stride-2 conv -> one stride-2 block -> 7x7 positions; any size works."""
   for size, positions in [(28, 49), (32, 64), (64, 256)]:

@@ -34,9 +34,23 @@ def test_every_task_is_consistent():
     assert tasks.COMMANDS[task.command_id] == task.command
     assert task.metrics and {"train", "eval"} <= set(task.splits)
     if task.target_modality == "label":
-      assert 2 <= task.num_classes <= config.model.num_labels
+      assert 2 <= task.num_classes
+      assert task.label_offset + task.num_classes <= config.model.num_labels
     if task.input_modality == "image":
       assert task.image_size
+
+
+def test_embedded_label_tasks_have_their_own_label_slots():
+  # Different class sets never share an output unit: digit 3, "dress" and "great" are apart.
+  slots = {}
+  for name in sorted(EMBEDDED):
+    task = tasks.get(name)
+    if task.target_modality == "label":
+      for slot in range(task.label_offset, task.label_offset + task.num_classes):
+        assert slot not in slots, f"{name} and {slots[slot]} share label slot {slot}"
+        slots[slot] = name
+  # Catalogue MNIST has the same classes as the embedded MNIST: the same slots.
+  assert tasks.get("mnist").label_offset == tasks.get("image_mnist5k").label_offset
 
 
 def test_commands_are_append_only():
@@ -61,6 +75,9 @@ def test_unknown_task_fails_with_the_valid_names():
 def test_task_definitions_are_checked():
   with pytest.raises(ValueError, match="num_classes"):
     tasks.Task("t", "s", tasks.Fields("a", "b"), "text", "label", "to_label", ("accuracy",))
+  with pytest.raises(ValueError, match="label_offset"):
+    tasks.Task("t", "s", tasks.Fields("a", "b"), "text", "label", "to_label", ("accuracy",),
+               num_classes=2, label_offset=-1)
   with pytest.raises(ValueError, match="input_modality"):
     tasks.Task("t", "s", tasks.Fields("a", "b"), "video", "text", "to_text", ("bleu",))
   with pytest.raises(KeyError, match="Unknown command"):
