@@ -93,7 +93,8 @@ class Mixture:
       temperature: T of the temperature strategy.
       tau: temperature of the adaptive strategy.
       loss_decay: weight of the previous average in the adaptive strategy's moving average.
-      weights: per-task multipliers of the rates, by name (default: each task's `weight`).
+      weights: per-task multipliers of the rates, by name (default: each task's `weight`);
+        entries for registered tasks outside this mixture are ignored.
       seed: seeds the task draws and every iterator's epoch permutations.
       iterators: ready iterators by task name (tests, custom sources); the others are opened.
     """
@@ -108,7 +109,9 @@ class Mixture:
       raise ValueError(f"Unknown mixture mode {mode!r}; valid modes: {MODES}")
     if strategy not in STRATEGIES:
       raise ValueError(f"Unknown mixing strategy {strategy!r}; valid strategies: {STRATEGIES}")
-    unknown = set(weights or {}) - set(names)
+    # Weights of registered tasks that this mixture lacks are ignored (a config's weights apply to
+    # whichever of its tasks are installed); a name that is no task at all is a typo.
+    unknown = set(weights or {}) - set(names) - set(tasks_lib.TASKS)
     if unknown:
       raise KeyError(f"Weights for tasks not in the mixture: {sorted(unknown)}; tasks: {names}")
     self.tasks = {t.name: t for t in resolved}

@@ -110,6 +110,12 @@ def test_unknown_names_fail_with_the_valid_list():
     _mixture("uniform", weights={"huge": 1.0})
 
 
+def test_weights_of_tasks_that_are_not_installed_are_ignored():
+  # The default config weights every embedded task; a machine without some of them still runs.
+  mix = _mixture("uniform", weights={"small": 2.0, "image_fashion": 3.0})
+  assert "image_fashion" not in mix.weights and mix.weights["small"] == 2.0
+
+
 @pytest.mark.parametrize("mode,strategy", [("one_task", "adaptive"), ("all_tasks", "temperature")])
 def test_resume_yields_the_same_batches_on_real_data(mode, strategy, monkeypatch):
   tiny_data.use(monkeypatch)
