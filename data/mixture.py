@@ -81,7 +81,7 @@ class Mixture:
                config: InputConfig = InputConfig(), *, strategy: str = "proportional",
                mode: str = "one_task", temperature: float = 2.0, tau: float = 1.0,
                loss_decay: float = 0.9, weights: Mapping[str, float] | None = None, seed: int = 0,
-               iterators: Mapping[str, TaskIterator] | None = None):
+               iterators: Mapping[str, TaskIterator] | None = None, train_examples: int = 0):
     """Opens a training iterator per task.
 
     Args:
@@ -97,6 +97,8 @@ class Mixture:
         entries for registered tasks outside this mixture are ignored.
       seed: seeds the task draws and every iterator's epoch permutations.
       iterators: ready iterators by task name (tests, custom sources); the others are opened.
+      train_examples: > 0: the opened iterators train on the first `train_examples` examples of
+        their task's train split only (`sizes` then counts those).
     """
     tasks_lib.resolve([t for t in tasks if not isinstance(t, Task)])  # Fails on unknown names.
     resolved = [t if isinstance(t, Task) else tasks_lib.get(t) for t in tasks]
@@ -120,7 +122,8 @@ class Mixture:
     self.weights = {n: float((weights or {}).get(n, t.weight)) for n, t in self.tasks.items()}
     iterators = dict(iterators or {})
     self.iterators = {
-        n: iterators.get(n) or TaskIterator(t, tokenizer, config, seed=seed)
+        n: iterators.get(n) or TaskIterator(t, tokenizer, config, seed=seed,
+                                            max_examples=train_examples)
         for n, t in self.tasks.items()
     }
     self.sizes = {n: it.size for n, it in self.iterators.items()}

@@ -93,16 +93,37 @@ def _task_seed(name: str) -> int:
   return zlib.crc32(name.encode("utf-8"))
 
 
+class _First(Sequence):
+  """The first `n` examples of a random-access source (all of them when it has fewer)."""
+
+  def __init__(self, source: Sequence[Mapping[str, Any]], n: int):
+    self.source, self.n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> Mapping[str, Any]:
+    if not -self.n <= index < self.n:
+      raise IndexError(f"index {index} out of range for the first {self.n} examples")
+    return self.source[index % self.n]
+
+
 class TaskIterator:
   """Infinite deterministic training batches of one task (see the module docstring)."""
 
   def __init__(self, task: Task, tokenizer: Tokenizer | None, config: InputConfig = InputConfig(),
                seed: int = 0, split: str = "train",
-               source: Sequence[Mapping[str, Any]] | None = None):
-    """Opens the task's split (or uses `source`, any random-access sequence of raw examples)."""
+               source: Sequence[Mapping[str, Any]] | None = None, max_examples: int = 0):
+    """Opens the task's split (or uses `source`, any random-access sequence of raw examples).
+
+    `max_examples` > 0 keeps only the split's first `max_examples` examples (in index order), the
+    same ones for every seed: a fixed small training set.
+    """
     self.task, self.seed = task, seed
-    self._examples = _Examples(task, tokenizer, config,
-                               sources.open_split(task, split) if source is None else source)
+    source = sources.open_split(task, split) if source is None else source
+    if max_examples > 0:
+      source = _First(source, max_examples)
+    self._examples = _Examples(task, tokenizer, config, source)
     self.size = len(self._examples.source)
     if self.size == 0:
       raise ValueError(f"task {task.name!r}: split {task.split(split)!r} is empty")

@@ -1,7 +1,8 @@
 """Checkpoints of a run: orbax `CheckpointManager` under `WORKDIR/checkpoints`.
 
 Each checkpoint holds three items:
-  `state`: params, optimizer state, step, skipped-step count, base RNG key (arrays, sharded);
+  `state`: params, optimizer state, step, skipped-step count, base RNG key, and with
+           `train.l2sp` > 0 the L2-SP starting point `l2sp` (arrays, sharded);
   `data`:  the input mixture's iterator state (JSON), so a resumed run sees the same batches;
   `meta`:  the config, the task names and the tokenizer (JSON; the tokenizer as base64 bytes).
 Nothing is pickled: restoring never executes stored code. `load_run` reads what inference needs
@@ -51,10 +52,27 @@ def _diff(saved: Any, new: Any, where: str) -> list[str]:
 
 
 def check_compatible(saved_meta: dict, config, task_names, workdir) -> None:
-  """Refuses to resume a workdir whose model shape or task list differs from this run's."""
-  problems = _diff(saved_meta["config"]["model"], config_to_json(config)["model"], "model")
+  """Refuses to resume a workdir whose model shape, task list or saved-state layout differs.
+
+  The state's layout also depends on `train.freeze` (frozen parameters have no optimizer state),
+  on whether `train.l2sp` is on (the L2-SP starting point is kept in the state) and on
+  `data.train_examples` (the data iterators' state).
+  """
+  new = config_to_json(config)
+  problems = _diff(saved_meta["config"]["model"], new["model"], "model")
   if sorted(saved_meta["tasks"]) != sorted(task_names):
     problems.append(f"tasks: saved {sorted(saved_meta['tasks'])}, new {sorted(task_names)}")
+  saved_train = saved_meta["config"].get("train", {})
+  saved_data = saved_meta["config"].get("data", {})
+  if saved_train.get("freeze", "") != new["train"]["freeze"]:
+    problems.append(f"train.freeze: saved {saved_train.get('freeze', '')!r}, "
+                    f"new {new['train']['freeze']!r}")
+  if (saved_train.get("l2sp", 0.0) > 0) != (new["train"]["l2sp"] > 0):
+    problems.append(f"train.l2sp: saved {saved_train.get('l2sp', 0.0)}, new {new['train']['l2sp']}"
+                    " (on and off keep different states)")
+  if saved_data.get("train_examples", 0) != new["data"]["train_examples"]:
+    problems.append(f"data.train_examples: saved {saved_data.get('train_examples', 0)}, "
+                    f"new {new['data']['train_examples']}")
   if problems:
     raise WorkdirError(
         f"{workdir} holds a run whose config is incompatible with this one; nothing was "
@@ -124,22 +142,25 @@ def checkpoint_steps(directory: str | pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def _params_only(state_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
-  """The `params` subtree of a checkpoint's `state` item, as host arrays: nothing else is read.
+def _subtree_only(state_dir: pathlib.Path, key: str = "params") -> dict[tuple, np.ndarray]:
+  """The `key` subtree of a checkpoint's `state` item, as host arrays: nothing else is read.
 
-  The optimizer state next to them is skipped (orbax partial restore). Keys are the parameter
+  The optimizer state next to the parameters is skipped (orbax partial restore). Keys are the
   paths as strings, without the trailing "value" of the saved `nnx.Param` leaves.
   """
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    saved = handler.metadata(state_dir).tree["params"]
+    tree = handler.metadata(state_dir).tree
+    if key not in tree:
+      raise WorkdirError(f"The checkpoint {state_dir} holds no {key!r}; it holds {sorted(tree)}")
+    saved = tree[key]
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     out = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": saved}, restore_args={"params": as_numpy}, partial_restore=True))
+        item={key: saved}, restore_args={key: as_numpy}, partial_restore=True))
   finally:
     handler.close()
   flat = {}
-  for keys, value in jax.tree_util.tree_flatten_with_path(out["params"])[0]:
+  for keys, value in jax.tree_util.tree_flatten_with_path(out[key])[0]:
     path = tuple(str(k.key) for k in keys)
     flat[path[:-1] if path[-1] == "value" else path] = value
   return flat
@@ -153,7 +174,19 @@ def restore_params(path: str | pathlib.Path) -> tuple[dict, dict]:
   """
   directory, step = find(path)
   meta = ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
-  return _params_only(directory / str(step) / "state"), meta
+  return _subtree_only(directory / str(step) / "state"), meta
+
+
+def restore_l2sp(path: str | pathlib.Path) -> tuple[dict, dict]:
+  """The L2-SP starting point of a run fine-tuned with `train.l2sp` > 0: (anchor, weight).
+
+  Both are flat {path tuple: numpy array}, like `restore_params`: the anchor w0 of every
+  parameter, and its weight (1: pulled toward w0; 0: new or frozen, not pulled).
+  """
+  directory, step = find(path)
+  flat = _subtree_only(directory / str(step) / "state", "l2sp")
+  pick = lambda part: {k[1:]: v for k, v in flat.items() if k[0] == part}
+  return pick("anchor"), pick("weight")
 
 
 def param_keys(params: Any) -> list[str]:

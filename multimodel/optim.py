@@ -1,5 +1,15 @@
-"""The optimizer: Adam with the paper's settings, inverse-sqrt ("noam") schedule, global-norm clip."""
+"""The optimizer: Adam with the paper's settings, inverse-sqrt ("noam") schedule, global-norm clip.
 
+Fine-tuning adds two things (docs/transfer.md): frozen parameters (`train.freeze`, chosen by
+`freeze_mask`), which `make` leaves out of the optimizer, and the L2-SP penalty (`l2sp_penalty`),
+which the train step adds to the loss.
+"""
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -15,10 +25,75 @@ def noam_schedule(learning_rate: float, d_model: int, warmup_steps: int) -> opta
   return schedule
 
 
-def make(train_cfg, d_model: int) -> optax.GradientTransformation:
-  """Clip by global norm, then Adam(b1, b2, eps) scaled by the noam schedule."""
+def make(train_cfg, d_model: int, frozen: Any = None) -> optax.GradientTransformation:
+  """Clip by global norm, then Adam(b1, b2, eps) scaled by the noam schedule.
+
+  Args:
+    train_cfg: the `train` section of a config.
+    d_model: D, the scale of the noam schedule.
+    frozen: None, or a tree of bools shaped like the parameters: True leaves get zero updates
+      and no Adam moments (the clip's global norm is over the trainable gradients only).
+  """
   schedule = noam_schedule(train_cfg.learning_rate, d_model, train_cfg.warmup_steps)
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.clip_norm),
       optax.adam(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
   )
+  if frozen is None or not any(jax.tree.leaves(frozen)):
+    return tx
+  labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _examples_of_paths(keys: Sequence[str]) -> str:
+  """A short listing of parameter paths: the first of each group (modality nets one by one)."""
+  firsts = {}
+  for key in keys:
+    parts = key.split("/")
+    firsts.setdefault("/".join(parts[:2] if parts[0] == "modalities" else parts[:1]), key)
+  return f"valid paths include {', '.join(firsts.values())} ({len(keys)} paths in all)"
+
+
+def freeze_mask(keys: Sequence[str], spec: str) -> list[bool]:
+  """Which parameters `train.freeze` freezes, in the order of `keys`.
+
+  Args:
+    keys: the "/"-joined parameter paths (`checkpoint.param_keys`).
+    spec: comma-separated regular expressions, each matched in full against a path
+      ("encoder/.*" freezes every encoder parameter; "encoder" alone matches none).
+
+  Raises:
+    ValueError: a pattern that is not a regular expression, one that matches no parameter (the
+      message lists valid paths), or patterns that freeze every parameter.
+  """
+  patterns = []
+  for text in filter(None, (p.strip() for p in spec.split(","))):
+    try:
+      patterns.append(re.compile(text))
+    except re.error as e:
+      raise ValueError(f"train.freeze: {text!r} is not a valid regular expression: {e}") from None
+  if not patterns:
+    return [False] * len(keys)
+  unmatched = [p.pattern for p in patterns if not any(p.fullmatch(k) for k in keys)]
+  if unmatched:
+    raise ValueError(f"train.freeze: pattern(s) {unmatched} match no parameter path (a pattern "
+                     f"must match a whole path, e.g. 'encoder/.*'); {_examples_of_paths(keys)}")
+  mask = [any(p.fullmatch(k) for p in patterns) for k in keys]
+  if all(mask):
+    raise ValueError(f"train.freeze={spec!r} freezes every parameter: nothing would train")
+  return mask
+
+
+def l2sp_penalty(params: Any, anchor: Any, weight: Any, alpha: float) -> jax.Array:
+  """alpha / 2 * sum_i weight_i * ||w_i - w0_i||^2 (L2-SP, Li et al. 2018), a float32 scalar.
+
+  Args:
+    params: the parameters w (a tree).
+    anchor: the starting point w0, a tree like `params`.
+    weight: a tree like `params` of scalars: 1 for the anchored leaves, 0 for the others.
+    alpha: the coefficient.
+  """
+  terms = jax.tree.map(
+      lambda w, w0, c: c * jnp.sum(jnp.square(w.astype(jnp.float32) - w0.astype(jnp.float32))),
+      params, anchor, weight)
+  return 0.5 * alpha * sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))

@@ -5,6 +5,8 @@ loop, final evaluation). The update step is a pure jitted function of (state, ba
 donated state and explicit shardings; the loss is `objective.loss_fn`, shared with evaluation.
 
 Resume order: the workdir's latest checkpoint, then `init` (weights only), then scratch.
+Fine-tuning from `init` (docs/transfer.md): `train.freeze` names parameters that never change and
+`train.l2sp` pulls the copied parameters toward their starting point; both are part of the step.
 """
 
 import dataclasses
@@ -81,11 +83,18 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
 
 def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array, *,
                graphdef, tx: optax.GradientTransformation,
-               tasks: tuple[tuple[str, TaskSpec], ...]) -> tuple[dict, dict]:
+               tasks: tuple[tuple[str, TaskSpec], ...], frozen: tuple[bool, ...] | None = None,
+               l2sp: float = 0.0) -> tuple[dict, dict]:
   """One optimizer step on the weighted sum of the losses of `tasks` (one task: weight 1).
 
   A step whose loss or gradient is not finite leaves params and optimizer state unchanged and
   counts itself in `state["skipped"]`.
+
+  Args:
+    frozen: per parameter leaf (in tree order), True when it is frozen: it is returned unchanged,
+      bit for bit, and its gradient is left out of the gradient norm (`tx` gives it no update).
+    l2sp: alpha of the L2-SP penalty alpha / 2 * sum_i c_i ||w_i - w0_i||^2, with w0 and c from
+      `state["l2sp"]` ("anchor" and "weight"); added to the loss and reported as `l2sp_loss`.
   """
 
   def total_loss(params):
@@ -96,18 +105,31 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array, *
           model, spec, batches[name], train=True,
           rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)))
       total = total + weights[i] * loss
-    return total, metrics
+    penalty = None
+    if l2sp:
+      penalty = optim.l2sp_penalty(params, state["l2sp"]["anchor"], state["l2sp"]["weight"], l2sp)
+      total = total + penalty
+    return total, (metrics, penalty)
 
-  (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
-  grad_norm = optax.tree.norm(grads)
+  (loss, (metrics, penalty)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+      state["params"])
+  trained = [g for i, g in enumerate(jax.tree.leaves(grads)) if not (frozen and frozen[i])]
+  grad_norm = optax.tree.norm(trained)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  if frozen:  # The old arrays themselves: not even the sign of a zero can change.
+    old, new = jax.tree.leaves(state["params"]), jax.tree.leaves(params)
+    params = jax.tree.unflatten(jax.tree.structure(params),
+                                [o if f else n for o, n, f in zip(old, new, frozen)])
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = dict(state, params=keep(params, state["params"]),
                    opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1,
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
+  out = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
+  if penalty is not None:
+    out["l2sp_loss"] = penalty
+  return new_state, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +141,13 @@ class _Window:
 
   sums: dict = dataclasses.field(default_factory=dict)
   examples: int = 0
+  l2sp: list = dataclasses.field(default_factory=list)
   start: float = dataclasses.field(default_factory=time.time)
 
-  def add(self, task_metrics: dict, examples: int) -> None:
+  def add(self, task_metrics: dict, examples: int, l2sp_loss: float | None = None) -> None:
     self.examples += examples
+    if l2sp_loss is not None:
+      self.l2sp.append(float(l2sp_loss))
     for task, m in task_metrics.items():
       s = self.sums.setdefault(task, {"steps": 0, "loss": 0.0, "nll": 0.0, "correct": 0.0,
                                       "weight": 0.0, "moe_loss": 0.0, "load": {}, "dropped": {}})
@@ -141,6 +166,8 @@ class _Window:
     out = {"examples_per_second": self.examples / seconds, "loss": {}, "log_perplexity": {},
            "token_accuracy": {}, "moe_loss": {}, "expert_load": {}, "expert_dropped": {},
            "steps": {}}
+    if self.l2sp:
+      out["l2sp_loss"] = sum(self.l2sp) / len(self.l2sp)
     for task, s in self.sums.items():
       n, w = s["steps"], max(s["weight"], 1.0)
       out["loss"][task] = s["loss"] / n
@@ -189,22 +216,36 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   task_list = tasks_lib.resolve(_task_names(config)) if mixture is None else list(
       mixture.tasks.values())
   task_names = [t.name for t in task_list]
+
+  # Fine-tuning settings (they need only the config).
+  abstract_model = nnx.eval_shape(lambda: MultiModel(config.model, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  frozen = optim.freeze_mask(checkpoint.param_keys(abstract_params), train_cfg.freeze)
+  if train_cfg.l2sp < 0:
+    raise ValueError(f"train.l2sp must be >= 0, got {train_cfg.l2sp}")
+  if (train_cfg.l2sp > 0 and not init
+      and not checkpoint.checkpoint_steps(workdir / "checkpoints")):
+    raise ValueError(f"train.l2sp={train_cfg.l2sp} pulls the weights toward those of the --init "
+                     "checkpoint, and no --init was given")
+
   ckpts = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints,
                                  every=train_cfg.checkpoint_every)
   latest = ckpts.latest_step()
   saved_meta = ckpts.meta(latest) if latest is not None else None
   if saved_meta is not None:
     checkpoint.check_compatible(saved_meta, config, task_names, workdir)
+  init_params, init_meta = checkpoint.restore_params(init) if init and latest is None else (
+      None, None)
 
   # ---- Input. ----
-  tokenizer = _tokenizer(task_list, saved_meta)
+  tokenizer = _tokenizer(task_list, saved_meta or init_meta)
   if mixture is None:
     mixture = mixture_lib.Mixture(
         task_list, tokenizer, InputConfig.from_config(config), strategy=config.data.mixture,
         mode=train_cfg.step_mode, temperature=config.data.temperature,
         tau=config.data.adaptive_tau, loss_decay=config.data.adaptive_decay,
         weights=_weights(config.data.weights),
-        seed=train_cfg.seed)
+        seed=train_cfg.seed, train_examples=config.data.train_examples)
   if tokenizer is not None and config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} pieces")
@@ -212,24 +253,30 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
 
   # ---- Mesh, model and optimizer. ----
   mesh = make_mesh(train_cfg)
-  abstract_model = nnx.eval_shape(lambda: MultiModel(config.model, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  tx = optim.make(train_cfg, config.model.d_model)
+  params_structure = jax.tree.structure(abstract_params)
+  tx = optim.make(train_cfg, config.model.d_model,
+                  frozen=jax.tree.unflatten(params_structure, frozen))
   params_sharding = param_shardings(abstract_params, mesh)
   replicated = NamedSharding(mesh, P())
 
   def init_state():
     model = MultiModel(config.model, rngs=nnx.Rngs(train_cfg.seed))
     params = nnx.state(model, nnx.Param)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "skipped": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(train_cfg.seed))}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(train_cfg.seed))}
+    if train_cfg.l2sp > 0:  # Filled by the warm start; kept in checkpoints for exact resume.
+      state["l2sp"] = {"anchor": jax.tree.map(jnp.zeros_like, params),
+                       "weight": jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)}
+    return state
 
   abstract_state = jax.eval_shape(init_state)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   state_sharding["params"] = params_sharding
   state_sharding["opt_state"] = _opt_state_sharding(abstract_state["opt_state"], params_sharding,
                                                     replicated)
+  if "l2sp" in abstract_state:
+    state_sharding["l2sp"]["anchor"] = params_sharding
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
 
@@ -241,7 +288,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     if init:
-      state = _warm_start(state, init, params_sharding)
+      state = _warm_start(state, init, init_params, params_sharding, frozen, state_sharding)
     if is_main:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -253,7 +300,9 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
     if names not in step_fns:
       specs = tuple((n, evaluation.task_spec(mixture.tasks[n])) for n in names)
       step_fns[names] = jax.jit(
-          functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs),
+          functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs,
+                            frozen=tuple(frozen) if any(frozen) else None,
+                            l2sp=float(train_cfg.l2sp)),
           in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
           out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return step_fns[names]
@@ -280,7 +329,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       step += 1
       if metrics["finite"]:
         in_a_row = 0
-        window.add(metrics["tasks"], _examples(batches))
+        window.add(metrics["tasks"], _examples(batches), metrics.get("l2sp_loss"))
         for name in names:
           mixture.report_loss(name, float(metrics["tasks"][name]["task_loss"]))
       else:
@@ -375,34 +424,55 @@ def _step_weights(mixture, names) -> jnp.ndarray:
 
 
 def _opt_state_sharding(abstract_opt_state, params_sharding, replicated):
-  """Optimizer moments are sharded like the parameters; scalars (counts) are replicated."""
-  params_leaves = jax.tree.leaves(params_sharding)
+  """Optimizer moments are sharded like the parameters; scalars (counts) are replicated.
+
+  Moments of frozen parameters are `optax.MaskedNode`s (no arrays) and stay so.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)
 
   def like_params(subtree):
-    leaves = jax.tree.leaves(subtree)
-    if len(leaves) == len(params_leaves) and all(
-        getattr(a, "shape", None) is not None for a in leaves):
-      return jax.tree.unflatten(jax.tree.structure(subtree), params_leaves)
+    if isinstance(subtree, nnx.State) and (
+        jax.tree.structure(subtree, is_leaf=masked).num_leaves
+        == jax.tree.structure(params_sharding).num_leaves):
+      return jax.tree.map(lambda s, a: a if masked(a) else s, params_sharding, subtree,
+                          is_leaf=masked)
     return jax.tree.map(lambda _: replicated, subtree)
 
   return jax.tree.map(like_params, abstract_opt_state,
                       is_leaf=lambda x: isinstance(x, nnx.State))
 
 
-def _warm_start(state, init, params_sharding):
-  """Copies every parameter of the `init` checkpoint whose path and shape match this model's."""
-  saved, _ = checkpoint.restore_params(init)
+def _warm_start(state, init, saved, params_sharding, frozen, state_sharding):
+  """Copies every parameter of the `init` checkpoint whose path and shape match this model's.
+
+  `saved` holds the checkpoint's parameters ({path tuple: array}). With L2-SP on, the copied
+  parameters that are not frozen become its anchor w0 (weight 1); the others get weight 0.
+  """
   saved = {"/".join(key): value for key, value in saved.items()}
   params = state["params"]
   keys, leaves = checkpoint.param_keys(params), jax.tree.leaves(params)
   fits = [k in saved and saved[k].shape == a.shape for k, a in zip(keys, leaves)]
   new_leaves = [saved[k] if fit else a for k, a, fit in zip(keys, leaves, fits)]
-  params = jax.device_put(jax.tree.unflatten(jax.tree.structure(params), new_leaves),
-                          params_sharding)
+  structure = jax.tree.structure(params)
+  params = jax.device_put(jax.tree.unflatten(structure, new_leaves), params_sharding)
   kept = [k for k, fit in zip(keys, fits) if not fit]
   log.info("Warm start from %s: %d parameter arrays copied, %d kept from initialisation%s",
            init, len(keys) - len(kept), len(kept), f" ({', '.join(kept[:8])}...)" if kept else "")
-  return dict(state, params=params)
+  state = dict(state, params=params)
+  if "l2sp" in state:
+    anchored = [fit and not f for fit, f in zip(fits, frozen)]
+    if not any(anchored):
+      raise ValueError(f"train.l2sp: no trainable parameter of this model was copied from {init} "
+                       "(none has a matching path and shape), so there is nothing to anchor")
+    # Host arrays put on the devices again: the anchor never shares a buffer with the params.
+    anchor = [saved[k] if a else np.zeros(x.shape, x.dtype)
+              for k, x, a in zip(keys, leaves, anchored)]
+    weight = [np.float32(a) for a in anchored]
+    state["l2sp"] = jax.device_put(
+        {"anchor": jax.tree.unflatten(structure, anchor),
+         "weight": jax.tree.unflatten(structure, weight)}, state_sharding["l2sp"])
+    log.info("L2-SP: %d parameter arrays anchored at their --init values", sum(anchored))
+  return state
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -68,6 +68,14 @@ TRAIN = dict(
     mesh_expert=1,  # Devices along the expert axis.
     plot=True,  # Write PNG plots into the workdir at the end.
     compilation_cache="~/.cache/multimodel/jax",  # Persistent XLA cache ("" disables it).
+    # Fine-tuning (docs/transfer.md). Comma-separated regular expressions, each matched in full
+    # against parameter paths such as "encoder/blocks/0/steps/1/conv/pointwise/kernel": matching
+    # parameters are never updated and get no optimizer state ("encoder/.*,mixer/.*,decoder/.*"
+    # freezes the body). A pattern that matches nothing is an error.
+    freeze="",
+    # L2-SP (Li et al. 2018): adds l2sp / 2 * ||w - w0||^2 over the parameters copied from the
+    # --init checkpoint (w0 = their copied values); new parameters get no such term. Needs --init.
+    l2sp=0.0,
 )
 
 DATA = dict(
@@ -84,6 +92,7 @@ DATA = dict(
     audio_buckets=(128, 256, 512, 1024, 2048),
     imports="",  # Comma-separated modules to import first (they register custom tasks).
     data_dir="",  # Prepared data; "" means $MULTIMODEL_DATA_DIR or ~/.cache/multimodel.
+    train_examples=0,  # > 0: train on only the first N examples of each task's train split.
 )
 
 
