@@ -1,5 +1,5 @@
-"""Fine-tuning on a new task from a jointly trained checkpoint: frozen parameters, L2-SP and a
-limited number of training examples (all on real embedded data)."""
+"""Fine-tuning on a new task from a jointly trained checkpoint: frozen parameters, L2-SP, a limited
+number of training examples, and the transfer experiment end to end (all on real embedded data)."""
 
 import json
 import os
@@ -204,3 +204,25 @@ def test_train_examples_limits_the_data(plain, monkeypatch):
   ckpts.close()
   assert data["tasks"][TARGET]["size"] == 8
 
+
+def test_transfer_experiment_quick(tmp_path, cache):
+  env = dict(os.environ, MULTIMODEL_DATA_DIR=str(tiny_data.data_dir()), PYTHONPATH=str(ROOT),
+             TF_CPP_MIN_LOG_LEVEL="3")
+  out = tmp_path / "transfer"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.transfer", "--quick", "--target", TARGET,
+       "--joint_tasks", "translate_en_fr", "--out", str(out),
+       "--set", f"train.compilation_cache={cache}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  table = (out / "results.md").read_text()
+  assert table in result.stdout
+  for row in ("| scratch |", "| finetune |", "| frozen |"):
+    assert row in table
+  assert "| variant | N = 8 | N = 16 |" in table and "Gain over scratch" in table
+  runs = json.loads((out / "results.json").read_text())["runs"]
+  assert sorted((r["variant"], r["n"]) for r in runs) == sorted(
+      (v, n) for v in ("scratch", "finetune", "frozen") for n in (8, 16))
+  assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 for r in runs)
+  assert (out / "transfer_gain.png").stat().st_size > 0
+  assert checkpoint.restore_params(out / "joint")[1]["tasks"] == ["translate_en_fr"]

@@ -1,0 +1,1 @@
+"""Experiments: one command each, printing and writing its results table and plot."""
