@@ -20,8 +20,8 @@
    deviation over seeds per variant and N, and each variant's gain over scratch), OUT/results.json
    (every run) and OUT/transfer_gain.png; the table is printed too.
 
-`--quick` shrinks everything (a model of width 32, 4 steps, N in 8 and 16, one seed) to check the
-whole path in about a minute; its numbers mean nothing.
+`--quick` shrinks everything (a model of width 32 without experts, 4 steps, N in 8 and 16, one
+seed) to check the whole path in one to three minutes on 2 CPU cores; its numbers mean nothing.
 """
 
 import argparse
@@ -43,7 +43,7 @@ PREFERRED_METRICS = ("accuracy", "bracket_f1", "chrf", "bleu", "cer", "wer", "ex
 
 QUICK = dict(
     model=dict(d_model=32, hidden=64, num_heads=2, encoder_blocks=1, mixer_blocks=1,
-               decoder_blocks=1, num_experts=4, image=dict(stem_filters=8),
+               decoder_blocks=1, use_moe=False, image=dict(stem_filters=8),
                audio=dict(conv_filters=8)),
     data=dict(tokens_per_batch=256, image_batch_size=16, text_buckets=(64,)),
 )
