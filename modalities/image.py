@@ -22,16 +22,34 @@ def _conv(i, o, kernel, *, strides=1, groups=1, padding=PAD1, dtype, param_dtype
                                                     (sharding.CONV, sharding.CONV, None, None)))
 
 
+def _depthwise3x3(conv: nnx.Conv, x: Array) -> Array:
+  """`conv` (3x3, one filter per channel, padding 1) as 9 shifted multiply-adds: [B, H, W, C].
+
+  Same result as calling the grouped convolution, but XLA on CPU differentiates a grouped
+  convolution's kernel as a dense one (C times the FLOPs: most of an image step's backward pass);
+  shifted products differentiate into shifted products and sums (docs/performance.md).
+  """
+  h, w = x.shape[1:3]
+  kernel = conv.kernel[...].astype(conv.dtype).astype(jnp.float32)  # [3, 3, 1, C]
+  padded = jnp.pad(x.astype(conv.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
+  y = conv.bias[...].astype(conv.dtype).astype(jnp.float32)  # [C]; sums in float32
+  for dy in range(3):
+    for dx in range(3):
+      y = y + padded[:, dy:dy + h, dx:dx + w].astype(jnp.float32) * kernel[dy, dx, 0]
+  return y.astype(conv.dtype)
+
+
 class _SepConv2D(nnx.Module):
   """Depthwise 3x3 then pointwise 1x1, then layer norm over channels."""
 
   def __init__(self, i, o, **kw):
-    self.depthwise = _conv(i, i, 3, groups=i, **kw)
+    self.depthwise = _conv(i, i, 3, groups=i, **kw)  # Its parameters; applied by _depthwise3x3.
     self.pointwise = _conv(i, o, 1, padding="VALID", **kw)
     self.norm = nnx.LayerNorm(o, dtype=jnp.float32, param_dtype=kw["param_dtype"], rngs=kw["rngs"])
 
   def __call__(self, x):
-    return self.norm(self.pointwise(self.depthwise(x)).astype(jnp.float32)).astype(x.dtype)
+    y = self.pointwise(_depthwise3x3(self.depthwise, x))
+    return self.norm(y.astype(jnp.float32)).astype(x.dtype)
 
 
 class _ResBlock(nnx.Module):

@@ -91,6 +91,15 @@ def test_image_positions_follow_size(model):
     assert x.shape == (1, positions, 32)
 
 
+def test_image_depthwise_taps_match_the_grouped_convolution():
+  """The image stem's depthwise conv, computed as shifted products, against nnx.Conv itself."""
+  from modalities.image import _depthwise3x3, _SepConv2D
+  block = _SepConv2D(6, 10, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.depthwise.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 5, 6)), jnp.float32)
+  np.testing.assert_allclose(_depthwise3x3(block.depthwise, x), block.depthwise(x), atol=1e-5)
+
+
 def test_padding_never_changes_real_positions(model):
   """More source padding, more target padding: logits at real positions unchanged (eval)."""
   rng = np.random.default_rng(1)
