@@ -18,7 +18,10 @@ def smoothed_cross_entropy(logits: Array, targets: Array, weights: Array,
     dict of float32 scalars: `loss` (smoothed), `nll`, `correct`, `weight` (the sum of weights).
   """
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  # The target's log-probability as a masked sum, not a gather: its gradient is then an
+  # elementwise select that fuses with the softmax's, where a gather's is a scatter into zeros.
+  is_target = targets[..., None] == jnp.arange(log_probs.shape[-1])  # [..., V]
+  nll = -jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
   # Smoothing: mix the one-hot target with a uniform distribution over the vocabulary.
   confidence = 1.0 - label_smoothing
   smooth = -log_probs.mean(axis=-1)

@@ -10,6 +10,31 @@ from multimodel import sharding
 Array = jax.Array
 
 
+@jax.custom_vjp
+def tied_logits(h: Array, embedding: Array) -> Array:
+  """h [B, T, D] . embedding [V, D] -> logits [B, T, V] (the output projection tied to the input).
+
+  Differentiated by hand only to choose the layout of the embedding's gradient: autodiff asks for
+  g^T h, and XLA on CPU then writes g [B, T, V], the largest array of a text step, transposed
+  into a new buffer; (h^T g)^T transposes the small [D, V] product instead (docs/performance.md).
+  """
+  return jnp.einsum("BTD,VD->BTV", h, embedding)
+
+
+def _tied_logits_fwd(h, embedding):
+  return tied_logits(h, embedding), (h, embedding)
+
+
+def _tied_logits_bwd(residuals, g):
+  h, embedding = residuals
+  dh = jnp.einsum("BTV,VD->BTD", g, embedding)  # [B, T, D]
+  d_embedding = jnp.einsum("BTD,BTV->DV", h, g).T  # [D, V] -> [V, D]
+  return dh, d_embedding
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 class Text(nnx.Module):
   """Embeds ids (scaled by sqrt(D)); logits over the vocabulary (tied to the embedding by default).
 
@@ -49,7 +74,7 @@ class Text(nnx.Module):
     del num_classes, label_offset
     if self.output is None:
       w = self.embedding[...].astype(self.dtype)  # [V, D]
-      return jnp.einsum("BTD,VD->BTV", h.astype(self.dtype), w).astype(jnp.float32)
+      return tied_logits(h.astype(self.dtype), w).astype(jnp.float32)
     return jnp.einsum("BTD,DV->BTV", h.astype(self.dtype),
                       self.output[...].astype(self.dtype)).astype(jnp.float32)
 
