@@ -1,7 +1,7 @@
 """Transfer to a task the joint model never saw: fine-tuned against from scratch and frozen body.
 
     python -m experiments.transfer [--joint WORKDIR] [--target sentiment_reviews] \
-        [--sizes 50,200,1000] [--seeds 0,1] [--steps 150] [--l2sp 0.01] [--out runs/transfer]
+        [--sizes 50,200,1000] [--seeds 0,1] [--steps 150] [--l2sp 0.1,0.01] [--out runs/transfer]
 
 1. The joint model: `--joint` (a workdir or checkpoint of a run that did not train on the target),
    or else a short joint run (`--joint_steps`) on every prepared embedded task except the target
@@ -12,7 +12,7 @@
      finetune  every parameter from the joint model (`--init`), all trained;
      frozen    from the joint model with the body frozen (`train.freeze=encoder/.*,mixer/.*,
                decoder/.*`): only the modality nets, the command embeddings and the heads train;
-     l2sp      as finetune, plus the L2-SP penalty `--l2sp` (only when `--l2sp` > 0).
+     l2spA     as finetune, plus the L2-SP penalty of alpha A, for each A in `--l2sp` (if given).
    Every run has the same model, schedule and data for a given (N, seed); runs are in
    OUT/runs/VARIANT-nN-sSEED, and a finished run is read back instead of trained again.
 3. Each run is scored on the first `--eval_examples` of the target's test split with the task's
@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 
-VARIANTS = ("scratch", "finetune", "frozen", "l2sp")
+VARIANTS = ("scratch", "finetune", "frozen")  # Then one "l2sp{alpha}" per --l2sp value.
 BODY = "encoder/.*,mixer/.*,decoder/.*"
 LOWER_IS_BETTER = ("wer", "cer", "log_perplexity")
 # The first of these that the task reports is its headline metric.
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--learning_rate", type=float, default=0.2, help="noam multiplier, every run")
   p.add_argument("--sizes", default="50,200,1000", help="target training examples N")
   p.add_argument("--seeds", default="0,1")
-  p.add_argument("--l2sp", type=float, default=0.0, help="> 0 adds the l2sp variant (its alpha)")
+  p.add_argument("--l2sp", default="", help="comma-separated alphas > 0: one l2sp variant each")
   p.add_argument("--eval_examples", type=int, default=500, help="of the test split (0 = all)")
   p.add_argument("--metric", default="", help="default: the target task's headline metric")
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sizes, args.seeds, args.eval_examples = "8,16", "0", 16
   args.sizes = [int(n) for n in args.sizes.split(",") if n.strip()]
   args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  args.l2sp = [float(a) for a in args.l2sp.split(",") if a.strip()]
+  if any(a <= 0 for a in args.l2sp):
+    p.error("--l2sp values must be > 0")
   if not args.sizes or min(args.sizes) <= 0 or not args.seeds:
     p.error("--sizes needs positive numbers and --seeds at least one seed")
   return args
@@ -131,6 +134,15 @@ def base_config(args, joint_model=None):
   return config
 
 
+def _alpha(variant: str) -> float:
+  """The L2-SP coefficient of a variant: "l2sp0.01" -> 0.01, others 0."""
+  return float(variant[len("l2sp"):]) if variant.startswith("l2sp") else 0.0
+
+
+def _label(variant: str) -> str:
+  return f"l2sp (alpha {_alpha(variant):g})" if _alpha(variant) else variant
+
+
 def run_config(base, args, variant: str, n: int, seed: int):
   config = base.copy_and_resolve_references()
   with config.unlocked():
@@ -138,7 +150,7 @@ def run_config(base, args, variant: str, n: int, seed: int):
         data=dict(tasks=args.target, train_examples=n),
         train=dict(seed=seed, steps=args.steps, warmup_steps=args.warmup, eval_split="test",
                    eval_max_examples=args.eval_examples, freeze=BODY if variant == "frozen" else "",
-                   l2sp=args.l2sp if variant == "l2sp" else 0.0)))
+                   l2sp=_alpha(variant))))
   config.lock()
   return config
 
@@ -170,6 +182,11 @@ def joint_model(args, out: pathlib.Path) -> tuple[pathlib.Path, dict | None]:
                         train=dict(steps=args.joint_steps, warmup_steps=args.joint_warmup,
                                    eval_max_examples=-1, log_every=25, checkpoint_every=200)))
   workdir = out / "joint"
+  same_settings(config, workdir)
+  done = checkpoint.checkpoint_steps(workdir / "checkpoints")[-1:] == [args.joint_steps]
+  if done:
+    print(f"joint model: {workdir} ({args.joint_steps} steps on {', '.join(names)})", flush=True)
+    return workdir, None
   print(f"joint model: training {args.joint_steps} steps on {', '.join(names)} in {workdir}",
         flush=True)
   start = time.time()
@@ -186,10 +203,28 @@ def headline_metric(args, task) -> str:
   return next((m for m in PREFERRED_METRICS if m in task.metrics), "token_accuracy")
 
 
+def same_settings(config, workdir: pathlib.Path) -> None:
+  """Stops when `workdir` holds a run of another config: its results would not be this one's."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  flat = lambda tree, prefix="": {k: v for key, value in tree.items() for k, v in (
+      flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+      else [(prefix + key, value)])}
+  saved = flat(json.loads(saved_path.read_text()))
+  new = flat(json.loads(config.to_json_best_effort()))
+  differences = [f"{k}: saved {saved.get(k)!r}, now {new.get(k)!r}"
+                 for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
+  if differences:
+    raise SystemExit(f"{workdir} holds a run of other settings ({'; '.join(differences)}); "
+                     "use another --out, or delete that run")
+
+
 def one_run(config, workdir: pathlib.Path, init: str | None, args) -> dict:
   """Trains (or reads back) one run; returns its test metrics without the decoded outputs."""
   from multimodel import checkpoint, trainer  # pylint: disable=import-outside-toplevel
 
+  same_settings(config, workdir)
   report = workdir / "eval" / f"{args.target}-test.json"
   steps = checkpoint.checkpoint_steps(workdir / "checkpoints")
   if report.exists() and steps and steps[-1] == args.steps:
@@ -255,7 +290,7 @@ def markdown(rows, variants, sizes, metric: str, args, joint: str, used: dict,
            "| variant | " + " | ".join(head) + " |", "|---|" + "---|" * len(sizes)]
   for variant in variants:
     values = [cell(*table[variant, n][:2]) if (variant, n) in table else "-" for n in sizes]
-    lines.append(f"| {variant} | " + " | ".join(values) + " |")
+    lines.append(f"| {_label(variant)} | " + " | ".join(values) + " |")
   if majority is not None:
     lines += ["", f"Always answering the most frequent class scores {majority:.3f} on these "
               "test examples."]
@@ -265,7 +300,7 @@ def markdown(rows, variants, sizes, metric: str, args, joint: str, used: dict,
   for variant in variants:
     if variant != "scratch":
       values = [cell(*gain[variant, n]) if (variant, n) in gain else "-" for n in sizes]
-      lines.append(f"| {variant} | " + " | ".join(values) + " |")
+      lines.append(f"| {_label(variant)} | " + " | ".join(values) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -280,13 +315,13 @@ def plot(rows, variants, sizes, metric: str, path: pathlib.Path, target: str) ->
     points = [(n, *gain[variant, n]) for n in sizes if (variant, n) in gain]
     if points:
       n, mean, std = zip(*points)
-      ax.errorbar(n, mean, yerr=std, marker="o", capsize=3, label=variant)
+      ax.errorbar(n, mean, yerr=std, marker="o", capsize=3, label=_label(variant))
   ax.axhline(0.0, color="gray", lw=0.8)
   ax.set_xscale("log")
   ax.set_xticks(sizes, [str(n) for n in sizes])
   ax.set_xlabel(f"training examples of {target}")
   ax.set_ylabel(f"{metric} gain over scratch")
-  ax.set_title("Transfer from the joint model")
+  ax.set_title("Transfer from the joint model (mean and sd over seeds)")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -307,7 +342,7 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   joint_dir, joint_model_cfg = joint_model(args, out)
   base = base_config(args, joint_model_cfg)
-  variants = [v for v in VARIANTS if v != "l2sp" or args.l2sp > 0]
+  variants = list(VARIANTS) + [f"l2sp{alpha:g}" for alpha in args.l2sp]
   from data import sources  # pylint: disable=import-outside-toplevel
   train_size = len(sources.open_split(target, "train"))
   used = {n: min(n, train_size) for n in args.sizes}  # A smaller split is used whole.
