@@ -25,8 +25,6 @@ seed) to check the whole path in one to three minutes on 2 CPU cores; its number
 """
 
 import argparse
-import ast
-import importlib
 import json
 import logging
 import math
@@ -35,19 +33,10 @@ import statistics
 import sys
 import time
 
+from experiments import common
+
 VARIANTS = ("scratch", "finetune", "frozen")  # Then one "l2sp{alpha}" per --l2sp value.
 BODY = "encoder/.*,mixer/.*,decoder/.*"
-LOWER_IS_BETTER = ("wer", "cer", "log_perplexity")
-# The first of these that the task reports is its headline metric.
-PREFERRED_METRICS = ("accuracy", "bracket_f1", "chrf", "bleu", "cer", "wer", "exact_match")
-
-QUICK = dict(
-    model=dict(d_model=32, hidden=64, num_heads=2, encoder_blocks=1, mixer_blocks=1,
-               decoder_blocks=1, use_moe=False, image=dict(stem_filters=8),
-               audio=dict(conv_filters=8)),
-    data=dict(tokens_per_batch=256, image_batch_size=16, text_buckets=(64,)),
-)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -88,49 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 # Configs of the runs.
 
-def _override(config, dotted: str, value) -> None:
-  *path, key = dotted.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  if key not in node:
-    raise KeyError(f"Unknown config key {dotted}; valid keys: {sorted(node.keys())}")
-  node[key] = value
-
-
-def _apply(config, overrides: dict, prefix: str = "") -> None:
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      _apply(config, value, f"{prefix}{key}.")
-    else:
-      _override(config, prefix + key, value)
-
-
-def _parse_set(items: list[str]) -> dict:
-  out = {}
-  for item in items:
-    dotted, sep, text = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-    try:
-      out[dotted.strip()] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      out[dotted.strip()] = text
-  return out
-
-
 def base_config(args, joint_model=None):
   """The config every run starts from: --config, --quick, --set, and the joint run's model."""
-  config = importlib.import_module(f"multimodel.configs.{args.config}").get_config()
-  with config.unlocked():
-    if args.quick:
-      _apply(config, QUICK)
-    for dotted, value in _parse_set(args.set).items():
-      _override(config, dotted, value)
-    if joint_model is not None:  # The fine-tuned runs must have the joint model's shapes.
-      _apply(config, joint_model)
-    _apply(config, dict(train=dict(learning_rate=args.learning_rate, log_every=10,
-                                   checkpoint_every=0, keep_checkpoints=1, plot=False)))
+  config = common.load_config(args.config, args.quick, args.set)
+  if joint_model is not None:  # The fine-tuned runs must have the joint model's shapes.
+    common.apply(config, joint_model)
+  common.apply(config, dict(train=dict(learning_rate=args.learning_rate, log_every=10,
+                                       checkpoint_every=0, keep_checkpoints=1, plot=False)))
   return config
 
 
@@ -146,7 +99,7 @@ def _label(variant: str) -> str:
 def run_config(base, args, variant: str, n: int, seed: int):
   config = base.copy_and_resolve_references()
   with config.unlocked():
-    _apply(config, dict(
+    common.apply(config, dict(
         data=dict(tasks=args.target, train_examples=n),
         train=dict(seed=seed, steps=args.steps, warmup_steps=args.warmup, eval_split="test",
                    eval_max_examples=args.eval_examples, freeze=BODY if variant == "frozen" else "",
@@ -178,11 +131,12 @@ def joint_model(args, out: pathlib.Path) -> tuple[pathlib.Path, dict | None]:
     raise SystemExit("No prepared embedded task besides the target: run `python -m data.prepare`")
   config = base_config(args)
   with config.unlocked():
-    _apply(config, dict(data=dict(tasks=",".join(names)),
-                        train=dict(steps=args.joint_steps, warmup_steps=args.joint_warmup,
-                                   eval_max_examples=-1, log_every=25, checkpoint_every=200)))
+    common.apply(config, dict(data=dict(tasks=",".join(names)),
+                              train=dict(steps=args.joint_steps, warmup_steps=args.joint_warmup,
+                                         eval_max_examples=-1, log_every=25,
+                                         checkpoint_every=200)))
   workdir = out / "joint"
-  same_settings(config, workdir)
+  common.same_settings(config, workdir)
   done = checkpoint.checkpoint_steps(workdir / "checkpoints")[-1:] == [args.joint_steps]
   if done:
     print(f"joint model: {workdir} ({args.joint_steps} steps on {', '.join(names)})", flush=True)
@@ -198,39 +152,7 @@ def joint_model(args, out: pathlib.Path) -> tuple[pathlib.Path, dict | None]:
 def headline_metric(args, task) -> str:
   if args.metric:
     return args.metric
-  if task.target_modality == "label":
-    return "accuracy"
-  return next((m for m in PREFERRED_METRICS if m in task.metrics), "token_accuracy")
-
-
-def same_settings(config, workdir: pathlib.Path) -> None:
-  """Stops when `workdir` holds a run of another config: its results would not be this one's."""
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
-    return
-  flat = lambda tree, prefix="": {k: v for key, value in tree.items() for k, v in (
-      flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
-      else [(prefix + key, value)])}
-  saved = flat(json.loads(saved_path.read_text()))
-  new = flat(json.loads(config.to_json_best_effort()))
-  differences = [f"{k}: saved {saved.get(k)!r}, now {new.get(k)!r}"
-                 for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
-  if differences:
-    raise SystemExit(f"{workdir} holds a run of other settings ({'; '.join(differences)}); "
-                     "use another --out, or delete that run")
-
-
-def one_run(config, workdir: pathlib.Path, init: str | None, args) -> dict:
-  """Trains (or reads back) one run; returns its test metrics without the decoded outputs."""
-  from multimodel import checkpoint, trainer  # pylint: disable=import-outside-toplevel
-
-  same_settings(config, workdir)
-  report = workdir / "eval" / f"{args.target}-test.json"
-  steps = checkpoint.checkpoint_steps(workdir / "checkpoints")
-  if report.exists() and steps and steps[-1] == args.steps:
-    return {k: v for k, v in json.loads(report.read_text()).items() if k != "decoded"}
-  results = trainer.train_and_evaluate(config, workdir, init=init, progress=False)
-  return {k: v for k, v in results[args.target].items() if k != "decoded"}
+  return common.headline_metric(task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +173,7 @@ def summarise(rows: list[dict], variants, sizes, metric: str) -> dict:
 
 def gains(rows: list[dict], variants, sizes, metric: str) -> dict:
   """{(variant, n): (mean, std)} of the per-seed difference to scratch (better is positive)."""
-  sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+  sign = -1.0 if metric in common.LOWER_IS_BETTER else 1.0
   by_key = {(r["variant"], r["n"], r["seed"]): r["metrics"].get(metric) for r in rows}
   out = {}
   for variant in variants:
@@ -353,8 +275,8 @@ def main(argv=None) -> dict:
       for variant in variants:
         workdir = out / "runs" / f"{variant}-n{n}-s{seed}"
         start = time.time()
-        metrics = one_run(run_config(base, args, variant, n, seed), workdir,
-                          None if variant == "scratch" else str(joint_dir), args)
+        metrics = common.run(run_config(base, args, variant, n, seed), workdir,
+                             None if variant == "scratch" else str(joint_dir))[args.target]
         rows.append({"variant": variant, "n": n, "seed": seed, "workdir": str(workdir),
                      "metrics": metrics})
         value = metrics.get(metric, math.nan)

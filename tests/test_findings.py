@@ -1,0 +1,89 @@
+"""The findings experiments end to end on tiny real data (`--quick`: their numbers mean nothing)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import findings
+from tests import tiny_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax-cache")
+  return dict(os.environ, MULTIMODEL_DATA_DIR=str(tiny_data.data_dir()), PYTHONPATH=str(ROOT),
+              TF_CPP_MIN_LOG_LEVEL="3"), cache
+
+
+def run(env, out, *args):
+  environ, cache = env
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.findings", *args, "--quick", "--out", str(out),
+       "--set", f"train.compilation_cache={cache}"],
+      cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
+def test_joint_vs_single_trains_each_task_alone_and_jointly(env, tmp_path):
+  out = tmp_path / "findings"
+  args = ("joint_vs_single", "--tasks", "image_mnist5k,parse_en", "--set", "model.use_moe=True")
+  stdout = run(env, out, *args)
+  table = (out / "joint_vs_single" / "results.md").read_text()
+  assert table in stdout
+  for row in ("| image_mnist5k | accuracy |", "| image_mnist5k | log_perplexity |",
+              "| parse_en | bracket_f1 |", "| parse_en | token_accuracy |"):
+    assert row in table
+  runs = json.loads((out / "joint_vs_single" / "results.json").read_text())["runs"]
+  assert [(r["run"], r["steps"]) for r in runs] == [
+      ("single-image_mnist5k", 4), ("single-parse_en", 4), ("joint-image_mnist5k+parse_en", 8)]
+  assert set(runs[2]["metrics"]) == {"image_mnist5k", "parse_en"}
+  assert 0.0 <= runs[0]["metrics"]["image_mnist5k"]["accuracy"] <= 1.0
+  for name in ("learning_curves.png", "gain_per_task.png", "expert_load_joint.png"):
+    assert (out / "joint_vs_single" / name).stat().st_size > 0
+
+  # Run again: every finished run is read back, not trained again.
+  checkpoints = sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoints/*"))
+  assert run(env, out, *args).endswith(
+      stdout.splitlines()[-1] + "\n")
+  assert sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoints/*")) == checkpoints
+  assert json.loads((out / "joint_vs_single" / "results.json").read_text())["runs"] == runs
+
+
+def test_ablations_switch_off_experts_and_attention(env, tmp_path):
+  out = tmp_path / "findings"
+  run(env, out, "ablations", "--tasks", "image_mnist5k,translate_en_fr",
+      "--set", "model.use_moe=True")
+  table = (out / "ablations" / "results.md").read_text()
+  name = "joint-image_mnist5k+translate_en_fr"
+  for row in (f"| {name} |", f"| {name}-no_moe |", f"| {name}-no_attention |", "Gain over"):
+    assert row in table
+  saved = {p.parent.name: json.loads(p.read_text())["model"]
+           for p in (out / "runs").glob("*/config.json")}
+  assert saved[f"{name}-s0"]["use_moe"] and saved[f"{name}-s0"]["use_attention"]
+  assert not saved[f"{name}-no_moe-s0"]["use_moe"]
+  assert not saved[f"{name}-no_attention-s0"]["use_attention"]
+
+
+def test_parse_transfer_plan(monkeypatch):
+  tiny_data.use(monkeypatch)
+  plan = findings.planned_runs("parse_transfer", ["parse_en"])
+  assert [(name, tasks) for name, tasks, _ in plan[:2]] == [
+      ("single-parse_en", ["parse_en"]),
+      ("joint-parse_en+image_fashion", ["image_fashion", "parse_en"])]
+  assert plan[2][0] == "joint-all" and "parse_en" in plan[2][1]
+
+
+def test_a_single_task_cannot_be_trained_jointly(env, tmp_path):
+  environ, _ = env
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.findings", "ablations", "--tasks", "image_mnist5k",
+       "--quick", "--out", str(tmp_path)], cwd=ROOT, env=environ, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode != 0 and "two or more" in result.stderr
