@@ -7,6 +7,8 @@ donated state and explicit shardings; the loss is `objective.loss_fn`, shared wi
 Resume order: the workdir's latest checkpoint, then `init` (weights only), then scratch.
 Fine-tuning from `init` (docs/transfer.md): `train.freeze` names parameters that never change and
 `train.l2sp` pulls the copied parameters toward their starting point; both are part of the step.
+With `train.loss_weighting="gradnorm"` the all-tasks step learns its loss weights
+(`multimodel/gradnorm.py`); they are part of the state, hence of checkpoints.
 """
 
 import dataclasses
@@ -30,10 +32,14 @@ from data import mixture as mixture_lib
 from data import tasks as tasks_lib
 from data.buckets import InputConfig
 from data.tokenizer import Tokenizer
-from multimodel import checkpoint, evaluation, objective, optim, sharding, writer
+from multimodel import (checkpoint, evaluation, gradnorm as gradnorm_lib, objective, optim,
+                        sharding, writer)
 from multimodel.model import MultiModel, TaskSpec
 
 log = logging.getLogger(__name__)
+
+
+LOSS_WEIGHTINGS = ("mixture", "gradnorm")  # Values of `train.loss_weighting`.
 
 
 class NonFiniteError(RuntimeError):
@@ -81,51 +87,92 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The update step.
 
-def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array, *,
+def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | None, *,
                graphdef, tx: optax.GradientTransformation,
                tasks: tuple[tuple[str, TaskSpec], ...], frozen: tuple[bool, ...] | None = None,
-               l2sp: float = 0.0) -> tuple[dict, dict]:
+               l2sp: float = 0.0, gradnorm: tuple | None = None) -> tuple[dict, dict]:
   """One optimizer step on the weighted sum of the losses of `tasks` (one task: weight 1).
 
-  A step whose loss or gradient is not finite leaves params and optimizer state unchanged and
-  counts itself in `state["skipped"]`.
+  A step whose loss or gradient is not finite leaves params, optimizer state and GradNorm weights
+  unchanged and counts itself in `state["skipped"]`.
 
   Args:
+    weights: [len(tasks)] loss weights; None with `gradnorm`, which uses the state's weights.
     frozen: per parameter leaf (in tree order), True when it is frozen: it is returned unchanged,
       bit for bit, and its gradient is left out of the gradient norm (`tx` gives it no update).
     l2sp: alpha of the L2-SP penalty alpha / 2 * sum_i c_i ||w_i - w0_i||^2, with w0 and c from
       `state["l2sp"]` ("anchor" and "weight"); added to the loss and reported as `l2sp_loss`.
+    gradnorm: None, or (alpha, lr, shared) of GradNorm (`multimodel/gradnorm.py`), `shared`
+      marking the parameter leaves of W: the loss weights are `state["gradnorm"]["weights"]`
+      (tasks in sorted order), and the step updates them (the loss uses those from before).
   """
 
+  def task_loss(params, i):
+    name, spec = tasks[i]
+    return objective.loss_fn(nnx.merge(graphdef, params), spec, batches[name], train=True,
+                             rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)))
+
+  def l2sp_penalty(params):
+    return optim.l2sp_penalty(params, state["l2sp"]["anchor"], state["l2sp"]["weight"], l2sp)
+
   def total_loss(params):
-    model = nnx.merge(graphdef, params)
     total, metrics = 0.0, {}
-    for i, (name, spec) in enumerate(tasks):
-      loss, metrics[name] = objective.loss_fn(
-          model, spec, batches[name], train=True,
-          rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)))
+    for i, (name, _) in enumerate(tasks):
+      loss, metrics[name] = task_loss(params, i)
       total = total + weights[i] * loss
     penalty = None
     if l2sp:
-      penalty = optim.l2sp_penalty(params, state["l2sp"]["anchor"], state["l2sp"]["weight"], l2sp)
+      penalty = l2sp_penalty(params)
       total = total + penalty
     return total, (metrics, penalty)
 
-  (loss, (metrics, penalty)), grads = jax.value_and_grad(total_loss, has_aux=True)(
-      state["params"])
+  params = state["params"]
+  if gradnorm is None:
+    (loss, (metrics, penalty)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+  else:
+    # One gradient per task (each task runs its own forward pass anyway, so this costs about the
+    # gradient of the sum); the step's gradient is their weighted sum.
+    alpha, lr, shared = gradnorm
+    weights = state["gradnorm"]["weights"]
+    loss, grads, metrics, losses, norms = 0.0, None, {}, [], []
+    for i, (name, _) in enumerate(tasks):
+      (task_loss_i, metrics[name]), g = jax.value_and_grad(
+          functools.partial(task_loss, i=i), has_aux=True)(params)
+      losses.append(task_loss_i)
+      norms.append(optax.tree.norm([x for x, s in zip(jax.tree.leaves(g), shared) if s]))
+      loss = loss + weights[i] * task_loss_i
+      weighted = jax.tree.map(lambda x: weights[i] * x, g)
+      grads = weighted if grads is None else jax.tree.map(jnp.add, grads, weighted)
+    penalty = None
+    if l2sp:
+      penalty, penalty_grads = jax.value_and_grad(l2sp_penalty)(params)
+      loss, grads = loss + penalty, jax.tree.map(jnp.add, grads, penalty_grads)
+    losses, norms = jnp.stack(losses), jnp.stack(norms)
+    initial = state["gradnorm"]["initial_loss"]
+    initial = jnp.where(jnp.isnan(initial), losses, initial)  # Set by the first finite step.
+    task_weights = {"weights": gradnorm_lib.update_weights(weights, norms, losses, initial,
+                                                           alpha=alpha, lr=lr),
+                    "initial_loss": initial}
+  if len(tasks) > 1:
+    for i, (name, _) in enumerate(tasks):
+      metrics[name]["task_weight"] = weights[i]
   trained = [g for i, g in enumerate(jax.tree.leaves(grads)) if not (frozen and frozen[i])]
   grad_norm = optax.tree.norm(trained)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  if gradnorm is not None:  # A non-finite gradient on a frozen W must not reach the weights.
+    finite = finite & jnp.isfinite(norms).all()
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
   if frozen:  # The old arrays themselves: not even the sign of a zero can change.
-    old, new = jax.tree.leaves(state["params"]), jax.tree.leaves(params)
-    params = jax.tree.unflatten(jax.tree.structure(params),
-                                [o if f else n for o, n, f in zip(old, new, frozen)])
+    old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
+    new_params = jax.tree.unflatten(jax.tree.structure(new_params),
+                                    [o if f else n for o, n, f in zip(old, new, frozen)])
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = dict(state, params=keep(params, state["params"]),
+  new_state = dict(state, params=keep(new_params, params),
                    opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1,
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
+  if gradnorm is not None:
+    new_state["gradnorm"] = keep(task_weights, state["gradnorm"])
   out = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
   if penalty is not None:
     out["l2sp_loss"] = penalty
@@ -152,6 +199,8 @@ class _Window:
       s = self.sums.setdefault(task, {"steps": 0, "loss": 0.0, "nll": 0.0, "correct": 0.0,
                                       "weight": 0.0, "moe_loss": 0.0, "load": {}, "dropped": {}})
       s["steps"] += 1
+      if "task_weight" in m:  # The all-tasks step's loss weight of the task.
+        s["task_weight"] = s.get("task_weight", 0.0) + float(m["task_weight"])
       s["loss"] += float(m["task_loss"])
       s["moe_loss"] += float(m["moe_loss"])
       for key in ("nll", "correct", "weight"):
@@ -175,6 +224,8 @@ class _Window:
       out["token_accuracy"][task] = s["correct"] / w
       out["moe_loss"][task] = s["moe_loss"] / n
       out["steps"][task] = n
+      if "task_weight" in s:
+        out.setdefault("task_weight", {})[task] = s["task_weight"] / n
       out["expert_load"][task] = {k: (v / n).round(5).tolist() for k, v in s["load"].items()}
       out["expert_dropped"][task] = {k: round(v / n, 5) for k, v in s["dropped"].items()}
     return out
@@ -227,6 +278,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       and not checkpoint.checkpoint_steps(workdir / "checkpoints")):
     raise ValueError(f"train.l2sp={train_cfg.l2sp} pulls the weights toward those of the --init "
                      "checkpoint, and no --init was given")
+  use_gradnorm = _check_loss_weighting(train_cfg, train_cfg.step_mode if mixture is None
+                                       else mixture.mode)
 
   ckpts = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints,
                                  every=train_cfg.checkpoint_every)
@@ -268,6 +321,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
     if train_cfg.l2sp > 0:  # Filled by the warm start; kept in checkpoints for exact resume.
       state["l2sp"] = {"anchor": jax.tree.map(jnp.zeros_like, params),
                        "weight": jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)}
+    if use_gradnorm:  # Not copied by a warm start: it starts afresh for this run's tasks.
+      state["gradnorm"] = gradnorm_lib.init(len(task_names))
     return state
 
   abstract_state = jax.eval_shape(init_state)
@@ -295,6 +350,10 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
 
   # ---- Update step: one jitted program per (task set, bucket shape). ----
   step_fns = {}
+  # GradNorm's W: the encoder's last conv block, the last layer that every task passes through.
+  gradnorm = (float(train_cfg.gradnorm_alpha), float(train_cfg.gradnorm_lr), tuple(
+      gradnorm_lib.shared_mask(checkpoint.param_keys(abstract_params),
+                               config.model.encoder_blocks))) if use_gradnorm else None
 
   def step_fn(names: tuple[str, ...]):
     if names not in step_fns:
@@ -302,7 +361,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       step_fns[names] = jax.jit(
           functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs,
                             frozen=tuple(frozen) if any(frozen) else None,
-                            l2sp=float(train_cfg.l2sp)),
+                            l2sp=float(train_cfg.l2sp), gradnorm=gradnorm),
           in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
           out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return step_fns[names]
@@ -321,7 +380,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       item = next(mixture)
       batches = dict([item]) if isinstance(item, tuple) else dict(item)
       names = tuple(sorted(batches))
-      weights = _step_weights(mixture, names)
+      weights = None if gradnorm else _step_weights(mixture, names)
       rng = jax.random.fold_in(base_rng, step)
       state, metrics = step_fn(names)(state, {n: shard_batch(b, mesh) for n, b in batches.items()},
                                       rng, weights)
@@ -412,6 +471,22 @@ def _tokenizer(task_list, saved_meta) -> Tokenizer | None:
   if saved_meta is not None and saved_meta.get("tokenizer"):
     return Tokenizer.from_bytes(checkpoint.tokenizer_bytes(saved_meta))
   return Tokenizer.load() if uses_text else None
+
+
+def _check_loss_weighting(train_cfg, step_mode: str) -> bool:
+  """Validates `train.loss_weighting` and its settings; True when it is "gradnorm"."""
+  if train_cfg.loss_weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f"train.loss_weighting={train_cfg.loss_weighting!r}; valid values: "
+                     f"{LOSS_WEIGHTINGS}")
+  if train_cfg.loss_weighting != "gradnorm":
+    return False
+  if step_mode != "all_tasks":
+    raise ValueError(f"train.loss_weighting='gradnorm' weighs the tasks summed in one step, so it "
+                     f"needs train.step_mode='all_tasks', got train.step_mode={step_mode!r}")
+  if train_cfg.gradnorm_alpha < 0 or train_cfg.gradnorm_lr <= 0:
+    raise ValueError(f"GradNorm needs train.gradnorm_alpha >= 0 and train.gradnorm_lr > 0, got "
+                     f"{train_cfg.gradnorm_alpha} and {train_cfg.gradnorm_lr}")
+  return True
 
 
 def _step_weights(mixture, names) -> jnp.ndarray:

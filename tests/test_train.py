@@ -1,6 +1,7 @@
 """Training: the real CLI end to end on real embedded data, exact resume after SIGKILL, SIGTERM,
 1 device against 8, non-finite steps, incompatible workdirs."""
 
+import functools
 import json
 import os
 import pathlib
@@ -15,7 +16,7 @@ import pytest
 
 from data import tasks as tasks_lib
 from data.mixture import Mixture
-from multimodel import checkpoint, trainer, writer
+from multimodel import checkpoint, gradnorm, trainer, writer
 from multimodel.configs import tiny
 from tests import tiny_data
 
@@ -246,14 +247,69 @@ def test_init_warm_starts_from_another_run(straight_run, env, tmp_path):
   assert_same_params(final_params(tmp_path), final_params(source))
 
 
-def test_all_tasks_step_sums_every_task(env, tmp_path, monkeypatch):
-  """The weighted multi-task step: every step trains on a batch of each task."""
-  tiny_data.use(monkeypatch)
-  config = small_config(steps=2, step_mode="all_tasks")
+def two_task_config(**train):
+  """`small_config` on the tiny image_mnist5k and translate_en_fr (one text bucket)."""
+  config = small_config(**train)
   with config.unlocked():
     config.data.tasks = "image_mnist5k,translate_en_fr"
     config.data.text_buckets = (64,)
     config.data.tokens_per_batch, config.data.image_batch_size = 256, 16
-  trainer.train_and_evaluate(config, tmp_path, progress=False)
+  return config
+
+
+def test_all_tasks_step_sums_every_task(env, tmp_path, monkeypatch):
+  """The weighted multi-task step: every step trains on a batch of each task."""
+  tiny_data.use(monkeypatch)
+  trainer.train_and_evaluate(two_task_config(steps=2, step_mode="all_tasks"), tmp_path,
+                             progress=False)
   records = writer.read(tmp_path)
   assert [r["steps"] for r in records] == [{"image_mnist5k": 1, "translate_en_fr": 1}] * 2
+
+
+def test_gradnorm_weights_train_log_and_resume(tmp_path, monkeypatch):
+  """GradNorm on two tasks: the weights move from 1, stay positive, sum to 2, are logged, are
+  restored on resume, and a resume with the other loss weighting is refused."""
+  tiny_data.use(monkeypatch)
+  config = lambda steps, weighting="gradnorm": two_task_config(
+      steps=steps, step_mode="all_tasks", loss_weighting=weighting)
+  trainer.train_and_evaluate(config(3), tmp_path, progress=False)
+  trainer.train_and_evaluate(config(4), tmp_path, progress=False)  # Resumes at step 3.
+  records = writer.read(tmp_path)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  weights = [r["task_weight"] for r in records]
+  assert all(sorted(w) == ["image_mnist5k", "translate_en_fr"] for w in weights)
+  assert weights[0] == {"image_mnist5k": 1.0, "translate_en_fr": 1.0}  # Used before the update.
+  for w in weights[1:]:  # Step 4 (after the resume) too: the weights came from the checkpoint.
+    assert all(v > 0 for v in w.values()) and abs(w["image_mnist5k"] - 1.0) > 1e-6
+    np.testing.assert_allclose(sum(w.values()), 2.0, rtol=1e-5)
+  assert weights[3] != weights[2]
+  with pytest.raises(checkpoint.WorkdirError,
+                     match="train.loss_weighting: saved 'gradnorm', new 'mixture'"):
+    trainer.train_and_evaluate(config(5, "mixture"), tmp_path, progress=False)
+
+
+def test_gradnorm_update_by_hand():
+  """Two tasks: the one whose G_i falls short of its target gains weight, the other loses it."""
+  update = functools.partial(gradnorm.update_weights, alpha=1.5, lr=0.1)
+  ones = np.ones(2, np.float32)
+  # Equal loss ratios, norms 2 and 1: G = (2, 1), target = G_avg = 1.5 for both;
+  # w = (1 - 0.1 * 2, 1 + 0.1 * 1) = (0.8, 1.1), scaled to sum 2.
+  np.testing.assert_allclose(update(ones, np.array([2.0, 1.0]), ones, ones),
+                             np.array([0.8, 1.1]) * 2 / 1.9, rtol=1e-6)
+  # Equal norms, task 0 halved its loss and task 1 did not: ratios (0.5, 1), r = (2/3, 4/3),
+  # targets (2/3) ** 1.5 = 0.544 and (4/3) ** 1.5 = 1.540 against G = (1, 1): w = (0.9, 1.1).
+  np.testing.assert_allclose(update(ones, ones, np.array([1.0, 1.0]), np.array([2.0, 1.0])),
+                             [0.9, 1.1], rtol=1e-6)
+  # Task 0 already above target with a large norm: 1 - 0.1 * 30 < 0 is clipped at the floor.
+  w = np.asarray(update(ones, np.array([30.0, 1.0]), ones, ones))
+  floor = gradnorm.MIN_WEIGHT
+  np.testing.assert_allclose(w, np.array([floor, 1.1]) * 2 / (1.1 + floor), rtol=1e-6)
+  assert (w > 0).all()
+
+
+def test_gradnorm_needs_the_all_tasks_step(tmp_path):
+  config = two_task_config(steps=1, loss_weighting="gradnorm")  # step_mode stays "one_task".
+  with pytest.raises(ValueError,
+                     match="train.loss_weighting='gradnorm'.*train.step_mode='one_task'"):
+    trainer.train_and_evaluate(config, tmp_path, progress=False)
+  assert not (tmp_path / "checkpoints").exists()

@@ -51,6 +51,12 @@ TRAIN = dict(
     seed=0,
     steps=1000,
     step_mode="one_task",  # "one_task": one task per step (the paper); "all_tasks": weighted sum.
+    # Loss weights of the all-tasks step: "mixture" (the mixture's sampling rates) or "gradnorm"
+    # (GradNorm, Chen et al. 2018: learnt weights that balance the tasks' gradient norms on the
+    # encoder's last block, multimodel/gradnorm.py; needs step_mode="all_tasks").
+    loss_weighting="mixture",
+    gradnorm_alpha=1.5,  # GradNorm's asymmetry: > 0 gives more weight to the slower tasks.
+    gradnorm_lr=0.025,  # Learning rate of the GradNorm weights (plain gradient steps).
     learning_rate=0.2,  # Multiplier of the noam schedule.
     warmup_steps=4000,
     adam_b1=0.85,
