@@ -12,7 +12,8 @@ Modes:
   "one_task"    each step draws one task with probability rate / sum (the paper's way) and yields
                 (task name, batch);
   "all_tasks"   each step yields {task name: batch} of every task; the trainer weights each task's
-                loss by `probabilities()` (the weighted multi-task step).
+                loss by `probabilities()` (the weighted multi-task step), or by GradNorm's
+                learned weights with `train.loss_weighting=gradnorm`.
 The draw of step k depends only on (seed, k) and the rates, so the state is the step count, the loss
 averages and every task iterator's state: a small JSON-serialisable dict.
 """

@@ -25,6 +25,12 @@ def noam_schedule(learning_rate: float, d_model: int, warmup_steps: int) -> opta
   return schedule
 
 
+def noam_rate(learning_rate: float, d_model: int, warmup_steps: int, step: int) -> float:
+  """`noam_schedule(...)(step)` in plain Python, for logging: no device work, nothing compiled."""
+  step = step + 1.0
+  return learning_rate * d_model ** -0.5 * min(step * warmup_steps ** -1.5, step ** -0.5)
+
+
 def make(train_cfg, d_model: int, frozen: Any = None) -> optax.GradientTransformation:
   """Clip by global norm, then Adam(b1, b2, eps) scaled by the noam schedule.
 

@@ -405,8 +405,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
                       else "all")
       if step % train_cfg.log_every == 0 or step == total:
         record = window.record()
-        record["learning_rate"] = float(optim.noam_schedule(
-            train_cfg.learning_rate, config.model.d_model, train_cfg.warmup_steps)(step - 1))
+        record["learning_rate"] = optim.noam_rate(
+            train_cfg.learning_rate, config.model.d_model, train_cfg.warmup_steps, step - 1)
         record["skipped_steps"] = int(jax.device_get(state["skipped"]))
         record["mixture"] = mixture.probabilities()
         metrics_writer.write(step, record)

@@ -313,3 +313,13 @@ def test_gradnorm_needs_the_all_tasks_step(tmp_path):
                      match="train.loss_weighting='gradnorm'.*train.step_mode='one_task'"):
     trainer.train_and_evaluate(config, tmp_path, progress=False)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_logged_learning_rate_is_the_schedule_without_device_work():
+  """The trainer logs `noam_rate` (plain Python: no eager jnp op compiles after warm-up)."""
+  from multimodel import optim  # pylint: disable=import-outside-toplevel
+  schedule = optim.noam_schedule(0.2, 256, 300)
+  for step in (0, 1, 150, 299, 300, 1799, 100_000):
+    rate = optim.noam_rate(0.2, 256, 300, step)
+    assert isinstance(rate, float)
+    assert rate == pytest.approx(float(schedule(step)), rel=1e-6)
