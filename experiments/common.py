@@ -116,10 +116,10 @@ def run(config, workdir: pathlib.Path, init: str | None = None) -> dict:
   reports = {n: workdir / "eval" / f"{n}-{split}.json" for n in names}
   steps = checkpoint.checkpoint_steps(workdir / "checkpoints")
   strip = lambda metrics: {k: v for k, v in metrics.items() if k != "decoded"}
-  if steps and steps[-1] == config.train.steps and all(p.exists() for p in reports.values()):
-    return {n: strip(json.loads(p.read_text())) for n, p in reports.items()}
-  results = trainer.train_and_evaluate(config, workdir, init=init, progress=False)
-  return {n: strip(m) for n, m in results.items()}
+  if not (steps and steps[-1] == config.train.steps and all(p.exists() for p in reports.values())):
+    trainer.train_and_evaluate(config, workdir, init=init, progress=False)
+  # Read back from the reports in both cases, so that a resumed experiment sees the same values.
+  return {n: strip(json.loads(p.read_text())) for n, p in reports.items()}
 
 
 def headline_metric(task) -> str:

@@ -87,3 +87,23 @@ def test_a_single_task_cannot_be_trained_jointly(env, tmp_path):
        "--quick", "--out", str(tmp_path)], cwd=ROOT, env=environ, capture_output=True, text=True,
       timeout=300)
   assert result.returncode != 0 and "two or more" in result.stderr
+
+
+def test_sampling_compares_mixtures_and_gradnorm(env, tmp_path):
+  out = tmp_path / "findings"
+  run(env, out, "sampling", "--tasks", "image_mnist5k,translate_en_fr")
+  table = (out / "sampling" / "results.md").read_text()
+  name = "joint-image_mnist5k+translate_en_fr"
+  for strategy in ("uniform", "proportional", "temperature", "adaptive", "gradnorm"):
+    assert f"| {name}-{strategy} |" in table
+  assert "mean log-perplexity" in table
+  runs = {r["run"]: r for r in json.loads((out / "sampling" / "results.json").read_text())["runs"]}
+  assert runs[f"{name}-uniform"]["steps"] == 8 and runs[f"{name}-gradnorm"]["steps"] == 4
+  saved = json.loads((out / "runs" / f"{name}-gradnorm-s0" / "config.json").read_text())
+  assert saved["train"]["loss_weighting"] == "gradnorm"
+  assert saved["train"]["step_mode"] == "all_tasks"
+  records = [json.loads(line) for line in
+             (out / "runs" / f"{name}-gradnorm-s0" / "metrics.jsonl").read_text().splitlines()]
+  weights = records[-1]["task_weight"]
+  assert set(weights) == {"image_mnist5k", "translate_en_fr"}
+  assert sum(weights.values()) == pytest.approx(2.0, rel=1e-3)
