@@ -249,22 +249,32 @@ def plot_curves(out_dir: pathlib.Path, rows, plan, tasks: list[str]) -> pathlib.
 
 def plot_bars(out_dir: pathlib.Path, name: str, labels: list[str], series: dict[str, list[list]],
               ylabel: str, title: str) -> pathlib.Path:
-  """Grouped bars: one group per label, one bar per series entry (mean and sd over seeds)."""
+  """One panel per label (their units differ), one bar per series (mean and sd over seeds)."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(series))), 4))
-  width = 0.8 / max(1, len(series))
-  for i, (key, per_label) in enumerate(series.items()):
-    stats = [common.mean_std(v) for v in per_label]
-    ax.bar([j + i * width for j in range(len(labels))], [m for m, _ in stats], width,
-           yerr=[s for _, s in stats], capsize=3, label=key)
-  ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels,
-                rotation=20, ha="right", fontsize=8)
-  ax.axhline(0.0, color="gray", lw=0.8)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(alpha=0.3, axis="y")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
+  cols = min(4, len(labels))
+  nrows = math.ceil(len(labels) / cols)
+  size = (max(3.2 * cols, 5), 3.2 * nrows + 0.3 * len(series))
+  fig, axes = plt.subplots(nrows, cols, figsize=size, squeeze=False)
+  colors = [f"C{i}" for i in range(len(series))]
+  for j, (ax, label) in enumerate(zip(axes.flat, labels)):
+    stats = [common.mean_std(per_label[j]) for per_label in series.values()]
+    ax.bar(range(len(series)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+           color=colors)
+    ax.set_xticks([])
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+  for ax in list(axes.flat)[len(labels):]:
+    ax.axis("off")
+  for row in axes:
+    row[0].set_ylabel(ylabel, fontsize=8)
+  bottom = 0.0
+  if len(series) > 1:
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in colors], list(series),
+               loc="lower center", ncol=1, fontsize=8)
+    bottom = 0.06 * len(series) / nrows
+  fig.suptitle(title)
+  fig.tight_layout(rect=(0, bottom, 1, 1))
   path = out_dir / f"{name}.png"
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -311,12 +321,12 @@ def main(argv=None) -> dict:
   if args.experiment == "joint_vs_single":
     table = joint_vs_single_table(rows, plan, metrics)
     plots.append(plot_curves(out_dir, rows, plan, tasks))
-    headline = {t: metrics[t][-1] for t in tasks}
+    shown = [(t, m) for t in tasks for m in (metrics[t][-1], "log_perplexity")]
     plots.append(plot_bars(
-        out_dir, "gain_per_task", [f"{t}\n{headline[t]}" for t in tasks],
-        {"jointly - alone": [gain_values(rows, plan[-1][0], f"single-{t}", t, headline[t])
-                             for t in tasks]},
-        "gain in the task's metric (positive: better)", "Joint training against alone"))
+        out_dir, "gain_per_task", [f"{t}\n{m}" for t, m in shown],
+        {"jointly - alone": [gain_values(rows, plan[-1][0], f"single-{t}", t, m)
+                             for t, m in shown]},
+        "gain, jointly - alone (positive: better)", "Joint training against alone, per seed"))
     first_joint = next(r for r in rows if r["run"] == plan[-1][0])
     experts = pathlib.Path(first_joint["workdir"]) / "plots" / "expert_load.png"
     if experts.exists():
@@ -326,7 +336,7 @@ def main(argv=None) -> dict:
     if args.experiment == "sampling":
       table += "\n\nAverages over the tasks:\n\n" + averages_table(rows, plan, tasks)
     plots.append(plot_bars(
-        out_dir, "metric_per_run", [f"{t}\n{metrics[t][-1]}" for t in reported],
+        out_dir, "metric_per_run", [f"{t} {metrics[t][-1]}" for t in reported],
         {name: [values(rows, name, t, metrics[t][-1]) for t in reported] for name, _, _ in plan},
         "task metric", args.experiment))
   text = head + "\n" + table + "\n\nPlots: " + ", ".join(p.name for p in plots) + "\n"

@@ -107,3 +107,18 @@ def test_sampling_compares_mixtures_and_gradnorm(env, tmp_path):
   weights = records[-1]["task_weight"]
   assert set(weights) == {"image_mnist5k", "translate_en_fr"}
   assert sum(weights.values()) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_a_saved_run_without_a_newer_key_counts_as_its_default(tmp_path):
+  """A run saved before a config key existed is the same run when the key is at its default."""
+  from experiments import common  # pylint: disable=import-outside-toplevel
+  from multimodel.configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["train"]["loss_weighting"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  common.same_settings(config, tmp_path)  # No difference.
+  with config.unlocked():
+    config.train.loss_weighting = "gradnorm"
+  with pytest.raises(SystemExit, match="train.loss_weighting: saved 'mixture', now 'gradnorm'"):
+    common.same_settings(config, tmp_path)
