@@ -8,7 +8,8 @@ For every config and task kind, builds the trainer's update step (`trainer.train
 the input pipeline's:
   text   translation-shaped: inputs and targets int [B, L] with no padding, B = tokens_per_batch / L
          rounded to batch_multiple (L = --length);
-  image  image -> label, MNIST-shaped: [image_batch_size, 28, 28, 3] and int labels [B].
+  image  image -> label: [image_batch_size, H, H, 3] and int labels [B], H = --image_size
+         (28, MNIST-shaped, by default).
 FLOPs per step come from the model's own formula (`multimodel.flops`), printed beside XLA's count
 (`compiled.cost_analysis()`) and their ratio. MFU = formula FLOPs / step time / peak, where the
 peak is the best rate of [n, n] x [n, n] jnp.dot products (n = --matmul 2048) in the same dtype,
@@ -92,7 +93,7 @@ def load_config(name: str, dtype: str, **model_overrides):
   return config
 
 
-def synthetic_batch(config, kind: str, length: int, seed: int = 0):
+def synthetic_batch(config, kind: str, length: int, seed: int = 0, image_size: int = IMAGE_SIZE):
   """(task spec, batch of numpy arrays, positions the body runs over) of one task kind."""
   rng = np.random.default_rng(seed)
   data, v = config.data, config.model.vocab_size
@@ -104,7 +105,7 @@ def synthetic_batch(config, kind: str, length: int, seed: int = 0):
     return TEXT_TASK, batch, 2 * b * length
   if kind == "image":
     b = data.image_batch_size
-    batch = {"inputs": rng.standard_normal((b, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+    batch = {"inputs": rng.standard_normal((b, image_size, image_size, 3)).astype(np.float32),
              "targets": rng.integers(0, IMAGE_TASK.num_classes, (b,)).astype(np.int32)}
     positions = flops.encoder_length(config.model, "image", batch["inputs"].shape)
     return IMAGE_TASK, batch, b * positions
@@ -199,9 +200,10 @@ def shape_text(kind: str, batch: dict) -> str:
   return "x".join(map(str, batch["inputs"].shape[1:]))
 
 
-def measure(config, kind: str, length: int, peak: MatmulPeak, repeats: int) -> dict:
+def measure(config, kind: str, length: int, peak: MatmulPeak, repeats: int,
+            image_size: int = IMAGE_SIZE) -> dict:
   """Step time, FLOPs (formula and XLA) and memory of one config on one task kind."""
-  task, batch, positions = synthetic_batch(config, kind, length)
+  task, batch, positions = synthetic_batch(config, kind, length, image_size=image_size)
   compiled, state, args, compile_s = compiled_step(config, task, batch)
   shapes = (batch["inputs"].shape, batch["targets"].shape)
   model_flops = flops.train_step_flops(config.model, task, *shapes, experts="active")
@@ -244,6 +246,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--configs", default="tiny,default,paper")
   parser.add_argument("--kinds", default="text,image")
   parser.add_argument("--length", type=int, default=64, help="L of the text batch (S = T = L)")
+  parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
+                      help="H = W of the image batch (28: MNIST-shaped; the paper's stem is "
+                           "built for ImageNet's 224)")
+  parser.add_argument("--image_batch", type=int, default=0,
+                      help="B of the image batch (0: the config's data.image_batch_size)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--matmul", type=int, default=2048, help="n of the peak's [n, n] matmul")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -256,8 +263,10 @@ def main(argv=None) -> dict:
   rows, memory_rows = [], {}
   for name in args.configs.split(","):
     config = load_config(name, args.dtype)
+    if args.image_batch:
+      config.data.image_batch_size = args.image_batch
     for kind in args.kinds.split(","):
-      row = measure(config, kind, args.length, peak, args.repeats)
+      row = measure(config, kind, args.length, peak, args.repeats, args.image_size)
       row["config"] = name
       rows.append(row)
       print(f"  {name} {kind}: {row['step_s'] * 1e3:.0f} ms/step", flush=True)
@@ -272,13 +281,13 @@ def main(argv=None) -> dict:
   print(describe_machine())
   print(f"train step under jit (state donated), {args.dtype}, best of {args.repeats} steps; "
         f"{peak_text(peak, args.matmul)}")
-  header = (f"{'config':<8}{'kind':<6}{'B':>4}{'shape':>8}{'ms/step':>9}{'ex/s':>8}{'tok/s':>8}"
+  header = (f"{'config':<8}{'kind':<6}{'B':>4}{'shape':>12}{'ms/step':>9}{'ex/s':>8}{'tok/s':>8}"
             f"{'model GF':>10}{'formula GF':>11}{'XLA GF':>9}{'XLA/f':>7}{'GF/s':>7}{'MFU':>6}"
             f"{'burst':>6}{'exec':>6}{'opt ms':>7}{'compile s':>10}")
   print(header)
   print("-" * len(header))
   for r in rows:
-    print(f"{r['config']:<8}{r['kind']:<6}{r['batch']:>4}{r['shape']:>8}{r['step_s'] * 1e3:>9.0f}"
+    print(f"{r['config']:<8}{r['kind']:<6}{r['batch']:>4}{r['shape']:>12}{r['step_s'] * 1e3:>9.0f}"
           f"{r['examples_per_s']:>8.1f}{r['tokens_per_s']:>8.0f}{r['model_gflop']:>10.1f}"
           f"{r['formula_gflop']:>11.1f}{r['xla_gflop']:>9.1f}{r['xla_over_formula']:>7.3f}"
           f"{r['gflop_per_s']:>7.1f}{r['mfu']:>6.2f}{r['mfu_burst']:>6.2f}"
@@ -298,7 +307,7 @@ def main(argv=None) -> dict:
   result = {"peak_gflop_per_s": round(peak.sustained / 1e9, 1),
             "peak_burst_gflop_per_s": round(peak.burst / 1e9, 1), "matmul": args.matmul,
             "dtype": args.dtype, "platform": jax.devices()[0].platform,
-            "cpu_cores": os.cpu_count(), "length": args.length,
+            "cpu_cores": os.cpu_count(), "length": args.length, "image_size": args.image_size,
             "rows": [clean(r) for r in rows], "memory": {
                 n: {k: round(v, 1) for k, v in m.items()} for n, m in memory_rows.items()}}
   for r in rows:
