@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import pathlib
-import statistics
 import sys
 import time
 
@@ -166,14 +165,13 @@ def summarise(rows: list[dict], variants, sizes, metric: str) -> dict:
       values = [r["metrics"][metric] for r in rows if r["variant"] == variant and r["n"] == n
                 and isinstance(r["metrics"].get(metric), (int, float))]
       if values:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        out[variant, n] = (statistics.fmean(values), std, len(values))
+        out[variant, n] = (*common.mean_std(values), len(values))
   return out
 
 
 def gains(rows: list[dict], variants, sizes, metric: str) -> dict:
   """{(variant, n): (mean, std)} of the per-seed difference to scratch (better is positive)."""
-  sign = -1.0 if metric in common.LOWER_IS_BETTER else 1.0
+  sign = common.better_sign(metric)
   by_key = {(r["variant"], r["n"], r["seed"]): r["metrics"].get(metric) for r in rows}
   out = {}
   for variant in variants:
@@ -184,8 +182,7 @@ def gains(rows: list[dict], variants, sizes, metric: str) -> dict:
                for (v, m, s) in by_key if v == variant and m == n
                and by_key.get(("scratch", n, s)) is not None and by_key[variant, n, s] is not None]
       if diffs:
-        out[variant, n] = (statistics.fmean(diffs),
-                           statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+        out[variant, n] = common.mean_std(diffs)
   return out
 
 
