@@ -24,6 +24,7 @@ ablations        --tasks jointly with every block, without mixture-of-experts
 sampling         --tasks jointly with each mixture (uniform, proportional, temperature,
                  adaptive; the weights of data.weights are dropped) and with GradNorm loss
                  weighting (the all-tasks step, which trains every task in each step: S steps).
+                 The uniform run is the joint run of joint_vs_single, shared.
 
 Writes OUT/EXPERIMENT/results.md (mean ± standard deviation over the seeds), results.json (every
 run's metrics) and PNG plots: learning curves and per-task gains for joint_vs_single, the task
@@ -104,7 +105,9 @@ def planned_runs(experiment: str, tasks: list[str]) -> list[tuple[str, list[str]
             (f"{joint}-no_moe", tasks, {"model.use_moe": False}),
             (f"{joint}-no_attention", tasks, {"model.use_attention": False})]
   if experiment == "sampling":
-    runs = [(f"{joint}-{m}", tasks, {"data.mixture": m}) for m in MIXTURES]
+    # Uniform sampling is the plain joint run (the one of joint_vs_single and ablations).
+    runs = [(joint, tasks, {})] + [(f"{joint}-{m}", tasks, {"data.mixture": m})
+                                   for m in MIXTURES if m != "uniform"]
     return runs + [(f"{joint}-gradnorm", tasks, {"train.step_mode": "all_tasks",
                                                 "train.loss_weighting": "gradnorm"})]
   raise ValueError(f"unknown experiment {experiment!r}; valid: {EXPERIMENTS}")

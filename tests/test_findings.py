@@ -94,11 +94,14 @@ def test_sampling_compares_mixtures_and_gradnorm(env, tmp_path):
   run(env, out, "sampling", "--tasks", "image_mnist5k,translate_en_fr")
   table = (out / "sampling" / "results.md").read_text()
   name = "joint-image_mnist5k+translate_en_fr"
-  for strategy in ("uniform", "proportional", "temperature", "adaptive", "gradnorm"):
+  assert f"| {name} |" in table  # uniform: the plain joint run, shared with joint_vs_single
+  for strategy in ("proportional", "temperature", "adaptive", "gradnorm"):
     assert f"| {name}-{strategy} |" in table
   assert "mean log-perplexity" in table
   runs = {r["run"]: r for r in json.loads((out / "sampling" / "results.json").read_text())["runs"]}
-  assert runs[f"{name}-uniform"]["steps"] == 8 and runs[f"{name}-gradnorm"]["steps"] == 4
+  assert runs[name]["steps"] == 8 and runs[f"{name}-gradnorm"]["steps"] == 4
+  assert json.loads((out / "runs" / f"{name}-s0" / "config.json").read_text()
+                    )["data"]["mixture"] == "uniform"
   saved = json.loads((out / "runs" / f"{name}-gradnorm-s0" / "config.json").read_text())
   assert saved["train"]["loss_weighting"] == "gradnorm"
   assert saved["train"]["step_mode"] == "all_tasks"
