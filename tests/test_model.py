@@ -100,6 +100,29 @@ def test_image_depthwise_taps_match_the_grouped_convolution():
   np.testing.assert_allclose(_depthwise3x3(block.depthwise, x), block.depthwise(x), atol=1e-5)
 
 
+def test_image_pointwise_and_pool_match_nnx():
+  """1x1 convs as matmuls and the 3x3/2 max pool as strided slices against nnx's own ops.
+
+  Odd and even sizes (padding), the strided shortcut, and the gradients of both.
+  """
+  from modalities.image import _max_pool3x3s2, _pointwise, _ResBlock
+  block = _ResBlock(6, 10, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  for conv in (block.sep1.pointwise, block.shortcut):
+    conv.bias[...] = jnp.linspace(-1.0, 1.0, 10)
+  rng = np.random.default_rng(0)
+  for shape in [(2, 7, 5, 6), (1, 8, 6, 6)]:
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    np.testing.assert_allclose(_pointwise(block.sep1.pointwise, x), block.sep1.pointwise(x),
+                               atol=1e-5)
+    np.testing.assert_allclose(_pointwise(block.shortcut, x, stride=2), block.shortcut(x),
+                               atol=1e-5)
+    pool = lambda y: nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(_max_pool3x3s2(x), pool(x))
+    probe = jnp.asarray(rng.normal(size=pool(x).shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda y: jnp.sum(f(y) * probe))(x)
+    np.testing.assert_allclose(grad(_max_pool3x3s2), grad(pool), atol=1e-6)
+
+
 def test_tied_logits_gradients_match_autodiff():
   """The hand-written backward of the tied output projection against autodiff of the einsum."""
   from modalities.text import tied_logits
