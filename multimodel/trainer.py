@@ -161,24 +161,18 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if gradnorm is not None:  # A non-finite gradient on a frozen W must not reach the weights.
     finite = finite & jnp.isfinite(norms).all()
-
-  def update(params, opt_state):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if frozen:  # The old arrays themselves: not even the sign of a zero can change.
-      old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
-      new_params = jax.tree.unflatten(jax.tree.structure(new_params),
-                                      [o if f else n for o, n, f in zip(old, new, frozen)])
-    return new_params, opt_state
-
-  # A branch rather than a per-array select between new and old: the select made XLA copy every
-  # optimizer state array first (the update step took 1.75x as long; docs/performance.md).
-  new_params, opt_state = jax.lax.cond(finite, update, lambda *old: old, params, state["opt_state"])
-  new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1,
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  if frozen:  # The old arrays themselves: not even the sign of a zero can change.
+    old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
+    new_params = jax.tree.unflatten(jax.tree.structure(new_params),
+                                    [o if f else n for o, n, f in zip(old, new, frozen)])
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = dict(state, params=keep(new_params, params),
+                   opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1,
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
   if gradnorm is not None:
-    new_state["gradnorm"] = jax.tree.map(lambda n, o: jnp.where(finite, n, o), task_weights,
-                                         state["gradnorm"])
+    new_state["gradnorm"] = keep(task_weights, state["gradnorm"])
   out = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
   if penalty is not None:
     out["l2sp_loss"] = penalty
