@@ -24,7 +24,8 @@ ablations        --tasks jointly with every block, without mixture-of-experts
 sampling         --tasks jointly with each mixture (uniform, proportional, temperature,
                  adaptive; the weights of data.weights are dropped) and with GradNorm loss
                  weighting (the all-tasks step, which trains every task in each step: S steps).
-                 The uniform run is the joint run of joint_vs_single, shared.
+                 The uniform run is the joint run of joint_vs_single, shared; --variants
+                 picks some of uniform, proportional, temperature, adaptive, gradnorm.
 
 Writes OUT/EXPERIMENT/results.md (mean ± standard deviation over the seeds), results.json (every
 run's metrics) and PNG plots: learning curves and per-task gains for joint_vs_single, the task
@@ -46,6 +47,7 @@ EXPERIMENTS = ("joint_vs_single", "parse_transfer", "ablations", "sampling")
 DEFAULT_TASKS = {"joint_vs_single": "all", "parse_transfer": "parse_en",
                  "ablations": "image_mnist5k,translate_en_de", "sampling": "all"}
 MIXTURES = ("uniform", "proportional", "temperature", "adaptive")
+SAMPLING_VARIANTS = MIXTURES + ("gradnorm",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,12 +65,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval_examples", type=int, default=200, help="per task, of the test split")
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="config override of every run, e.g. --set model.dropout=0.1")
+  p.add_argument("--variants", default=",".join(SAMPLING_VARIANTS),
+                 help="sampling only: which of the task weightings to run")
   p.add_argument("--quick", action="store_true",
                  help="tiny model, 4 steps, 1 seed: checks the path")
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.warmup, args.seeds, args.eval_examples = 4, 2, "0", 8
   args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = sorted(set(args.variants) - set(SAMPLING_VARIANTS))
+  if unknown or not args.variants:
+    p.error(f"--variants: unknown {unknown}; valid: {','.join(SAMPLING_VARIANTS)}")
   if args.steps <= 0 or not args.seeds:
     p.error("--steps must be positive and --seeds name at least one seed")
   return args
@@ -91,7 +99,8 @@ def task_names(spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The runs of each experiment: (name, tasks, overrides); steps are T * S unless overridden.
 
-def planned_runs(experiment: str, tasks: list[str]) -> list[tuple[str, list[str], dict]]:
+def planned_runs(experiment: str, tasks: list[str],
+                 variants=SAMPLING_VARIANTS) -> list[tuple[str, list[str], dict]]:
   joint = "joint-all" if tasks == task_names("all") else "joint-" + "+".join(tasks)
   if experiment == "joint_vs_single":
     return [(f"single-{t}", [t], {}) for t in tasks] + [(joint, tasks, {})]
@@ -106,10 +115,10 @@ def planned_runs(experiment: str, tasks: list[str]) -> list[tuple[str, list[str]
             (f"{joint}-no_attention", tasks, {"model.use_attention": False})]
   if experiment == "sampling":
     # Uniform sampling is the plain joint run (the one of joint_vs_single and ablations).
-    runs = [(joint, tasks, {})] + [(f"{joint}-{m}", tasks, {"data.mixture": m})
-                                   for m in MIXTURES if m != "uniform"]
-    return runs + [(f"{joint}-gradnorm", tasks, {"train.step_mode": "all_tasks",
-                                                "train.loss_weighting": "gradnorm"})]
+    runs = {"uniform": (joint, tasks, {}),
+            "gradnorm": (f"{joint}-gradnorm", tasks, {"train.step_mode": "all_tasks",
+                                                      "train.loss_weighting": "gradnorm"})}
+    return [runs.get(v, (f"{joint}-{v}", tasks, {"data.mixture": v})) for v in variants]
   raise ValueError(f"unknown experiment {experiment!r}; valid: {EXPERIMENTS}")
 
 
@@ -294,7 +303,7 @@ def main(argv=None) -> dict:
   tasks = task_names(args.tasks or DEFAULT_TASKS[args.experiment])
   if args.experiment in ("joint_vs_single", "ablations", "sampling") and len(tasks) < 2:
     raise SystemExit(f"{args.experiment} trains tasks jointly: --tasks needs two or more")
-  plan = planned_runs(args.experiment, tasks)
+  plan = planned_runs(args.experiment, tasks, args.variants)
   reported = ["parse_en"] if args.experiment == "parse_transfer" else tasks
   metrics = metric_names([tasks_lib.get(t) for t in reported])
   out = pathlib.Path(args.out).absolute()

@@ -125,3 +125,13 @@ def test_a_saved_run_without_a_newer_key_counts_as_its_default(tmp_path):
     config.train.loss_weighting = "gradnorm"
   with pytest.raises(SystemExit, match="train.loss_weighting: saved 'mixture', now 'gradnorm'"):
     common.same_settings(config, tmp_path)
+
+
+def test_sampling_variants_pick_runs_and_unknown_ones_fail():
+  from experiments import findings
+  args = findings.parse_args(["sampling", "--variants", "uniform,adaptive"])
+  plan = findings.planned_runs("sampling", ["a", "b"], args.variants)
+  assert [name for name, _, _ in plan] == ["joint-a+b", "joint-a+b-adaptive"]
+  assert plan[1][2] == {"data.mixture": "adaptive"}
+  with pytest.raises(SystemExit):
+    findings.parse_args(["sampling", "--variants", "uniform,softmax"])
