@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile [--config tiny] [--tasks image_mnist5k,translate_en_fr]
                                  [--text_buckets 32,128] [--steps 40] [--dtype float32]
+                                 [--step_mode one_task|all_tasks]
 
 Runs the real `trainer.train_and_evaluate` (the loop of `train.py`, checkpoints and metric logs
 included, final evaluation and plots off) in a fresh workdir with the persistent compilation cache
@@ -84,6 +85,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--text_buckets", default="32,128",
                       help="comma-separated bucket lengths of text (fewer buckets: fewer programs)")
   parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--step_mode", choices=["one_task", "all_tasks"], default="one_task",
+                      help="train.step_mode (all_tasks: one batch shape per task)")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = parser.parse_args(argv)
 
@@ -99,6 +102,7 @@ def main(argv=None) -> dict:
   config.data.tasks = args.tasks
   config.data.text_buckets = tuple(int(b) for b in args.text_buckets.split(","))
   config.train.steps = args.steps
+  config.train.step_mode = args.step_mode
   config.train.log_every = max(args.steps // 4, 1)
   config.train.checkpoint_every = max(args.steps // 2, 1)
   config.train.eval_max_examples = -1  # No final evaluation: training only.

@@ -31,16 +31,23 @@ class InputConfig:
   text_buckets: tuple[int, ...] = (16, 32, 64, 128, 256)
   audio_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # In 10 ms frames.
   audio_frames_per_token: int = 4  # Time downsampling of the audio net (2 strided convs).
+  single_bucket: bool = False  # Only the longest rung of every task: one batch shape per task.
   features: AudioFeatures = AudioFeatures()
 
   @classmethod
   def from_config(cls, config) -> "InputConfig":
-    """The settings of a project config: `config.data.<field>` where set; audio: `model.audio`."""
+    """The settings of a project config: `config.data.<field>` where set; audio: `model.audio`.
+
+    The all-tasks step (`train.step_mode="all_tasks"`) always gets `single_bucket`: its program
+    takes a batch of every task, so per-task buckets would compile one per combination of them.
+    """
     data, kwargs = config.data, {}
     for field in dataclasses.fields(cls):
       if field.name != "features" and field.name in data:
         value = data[field.name]
         kwargs[field.name] = tuple(value) if isinstance(field.default, tuple) else value
+    if config.train.get("step_mode") == "all_tasks":
+      kwargs["single_bucket"] = True
     audio = config.model.audio
     kwargs["features"] = AudioFeatures(audio.sample_rate, audio.frame_length, audio.frame_step,
                                        audio.num_mel_bins)
@@ -84,6 +91,8 @@ def for_task(task: Task, config: InputConfig) -> Buckets:
     inputs = ladder(task.input_buckets or default, task.max_input_length)
   if task.target_modality == "text":
     targets = ladder(task.target_buckets or config.text_buckets, task.max_target_length)
+  if config.single_bucket:
+    inputs, targets = inputs[-1:], targets[-1:]
   rungs = max(len(inputs), len(targets), 1)
   inputs = inputs + inputs[-1:] * (rungs - len(inputs)) if inputs else ()
   targets = targets + targets[-1:] * (rungs - len(targets)) if targets else ()

@@ -93,6 +93,21 @@ def test_input_config_reads_the_project_config():
   input_config = pipeline.InputConfig.from_config(config)
   assert input_config.features.num_mel_bins == config.model.audio.num_mel_bins
   assert input_config.features.frame_step == config.model.audio.frame_step
+  assert not input_config.single_bucket
+
+
+def test_single_bucket_keeps_the_longest_rung_and_comes_with_the_all_tasks_step():
+  """One batch shape per task, so the all-tasks step compiles one program, not one per combination
+  of the tasks' shapes."""
+  single = pipeline.InputConfig(tokens_per_batch=2048, batch_multiple=8, single_bucket=True)
+  b = buckets_lib.for_task(tasks.get("translate_en_fr"), single)
+  assert (b.input_lengths, b.target_lengths, b.batch_sizes) == ((128,), (128,), (16,))
+  assert b.rung(3, 20) == 0 and b.rung(129, 1) is None
+  parse = buckets_lib.for_task(tasks.get("parse_en"), single)
+  assert (parse.input_lengths, parse.target_lengths) == ((64,), (256,))
+  config = tiny.get_config()
+  config.train.step_mode = "all_tasks"
+  assert pipeline.InputConfig.from_config(config).single_bucket
 
 
 # Training iterator on real embedded data.

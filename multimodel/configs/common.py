@@ -96,6 +96,9 @@ DATA = dict(
     image_batch_size=32,
     text_buckets=(16, 32, 64, 128, 256),
     audio_buckets=(128, 256, 512, 1024, 2048),
+    # One batch shape per task (its longest bucket). Always on with train.step_mode="all_tasks",
+    # whose step would otherwise compile one program per combination of the tasks' shapes.
+    single_bucket=False,
     imports="",  # Comma-separated modules to import first (they register custom tasks).
     data_dir="",  # Prepared data; "" means $MULTIMODEL_DATA_DIR or ~/.cache/multimodel.
     train_examples=0,  # > 0: train on only the first N examples of each task's train split.
