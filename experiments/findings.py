@@ -325,9 +325,11 @@ def main(argv=None) -> dict:
             f"{shown}", flush=True)
 
   seeds = ", ".join(map(str, args.seeds))
+  drawn = ("tasks drawn by the run's mixture; GradNorm: S all-tasks steps"
+           if args.experiment == "sampling" else "tasks drawn uniformly")
   head = (f"`python -m experiments.findings {' '.join(argv if argv is not None else sys.argv[1:])}`"
           f"\n\nConfig `{args.config}`, S = {args.steps} steps per task (a run of T tasks: T * S "
-          f"steps, tasks drawn uniformly), warm-up {args.warmup}; first {args.eval_examples} test "
+          f"steps, {drawn}), warm-up {args.warmup}; first {args.eval_examples} test "
           f"examples of each task; mean ± standard deviation over seeds {seeds}.\n")
   plots = []
   if args.experiment == "joint_vs_single":

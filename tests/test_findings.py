@@ -97,7 +97,7 @@ def test_sampling_compares_mixtures_and_gradnorm(env, tmp_path):
   assert f"| {name} |" in table  # uniform: the plain joint run, shared with joint_vs_single
   for strategy in ("proportional", "temperature", "adaptive", "gradnorm"):
     assert f"| {name}-{strategy} |" in table
-  assert "mean log-perplexity" in table
+  assert "mean log-perplexity" in table and "tasks drawn by the run's mixture" in table
   runs = {r["run"]: r for r in json.loads((out / "sampling" / "results.json").read_text())["runs"]}
   assert runs[name]["steps"] == 8 and runs[f"{name}-gradnorm"]["steps"] == 4
   assert json.loads((out / "runs" / f"{name}-s0" / "config.json").read_text()
