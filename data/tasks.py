@@ -219,9 +219,12 @@ register(Task("parse_en", "parse_en", Fields("sentence", "tree"), "text", "text"
               ("exact_match", "bracket_f1"), embedded=True, max_input_length=64,
               max_target_length=256, input_buckets=(16, 16, 32, 64),
               target_buckets=(32, 64, 128, 256)))
+# Reviews are cut to their first 64 pieces: a batch then holds 32 of them instead of 8, and the
+# opening sentences carry the verdict. Alone, `default` config, 300 steps: test accuracy 0.735 cut
+# at 64 against 0.585 (the majority class) at 256, in half the time (docs/results.md).
 register(Task("sentiment_reviews", "sentiment_reviews", Fields("text", "label"), "text", "label",
               "to_label", ("accuracy",), num_classes=2, label_offset=20, embedded=True,
-              max_input_length=256))
+              max_input_length=64))
 
 # Public TFDS catalogue tasks (need internet on first use; imagenet2012 needs a manual download).
 _CATALOGUE_SPLITS = {"train": "train", "eval": "test", "test": "test"}
