@@ -5,7 +5,7 @@
     python -m experiments.findings ablations       [--tasks image_mnist5k,translate_en_de]
     python -m experiments.findings sampling        [--tasks all] [--steps 300]
     (common options: --config tiny --out runs/findings --eval_examples 200 --warmup 100
-     --set section.key=value --quick)
+     --lr_schedule global|task --set section.key=value --quick)
 
 `--steps` is S, the steps each task is trained for: a run of T tasks takes T * S steps of one
 task each (the paper's way) drawn uniformly, so every task sees S batches in expectation, alone
@@ -26,6 +26,12 @@ sampling         --tasks jointly with each mixture (uniform, proportional, tempe
                  weighting (the all-tasks step, which trains every task in each step: S steps).
                  The uniform run is the joint run of joint_vs_single, shared; --variants
                  picks some of uniform, proportional, temperature, adaptive, gradnorm.
+
+`--lr_schedule task` runs the joint runs with `train.lr_schedule="task"`: the noam schedule counts
+each task's own steps, so a task trained jointly follows the learning rates it has alone (with
+the run's schedule, a task of a T-task run passes its warm-up after warmup / T of its own steps
+and ends at a lower rate). Its joint runs are named NAME-task_lr and its tables go to
+OUT/EXPERIMENT-task_lr/; single-task runs are shared, as both schedules train them alike.
 
 Writes OUT/EXPERIMENT/results.md (mean ± standard deviation over the seeds), results.json (every
 run's metrics) and PNG plots: learning curves and per-task gains for joint_vs_single, the task
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--config", default="tiny", help="tiny | default | paper")
   p.add_argument("--out", default="runs/findings")
   p.add_argument("--eval_examples", type=int, default=200, help="per task, of the test split")
+  p.add_argument("--lr_schedule", choices=("global", "task"), default="global",
+                 help="what the joint runs' schedule counts: the run's steps or each task's")
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="config override of every run, e.g. --set model.dropout=0.1")
   p.add_argument("--variants", default=",".join(SAMPLING_VARIANTS),
@@ -134,6 +142,13 @@ def run_config(args, tasks: list[str], overrides: dict, seed: int):
     common.override(config, dotted, value)
   config.lock()
   return config
+
+
+def with_task_schedule(plan):
+  """The plan with its joint runs on the per-task schedule (single runs are the same either way)."""
+  return [(f"{name}-task_lr", run_tasks, {**overrides, "train.lr_schedule": "task"})
+          if len(run_tasks) > 1 else (name, run_tasks, overrides)
+          for name, run_tasks, overrides in plan]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +319,12 @@ def main(argv=None) -> dict:
   if args.experiment in ("joint_vs_single", "ablations", "sampling") and len(tasks) < 2:
     raise SystemExit(f"{args.experiment} trains tasks jointly: --tasks needs two or more")
   plan = planned_runs(args.experiment, tasks, args.variants)
+  if args.lr_schedule == "task":
+    plan = with_task_schedule(plan)
   reported = ["parse_en"] if args.experiment == "parse_transfer" else tasks
   metrics = metric_names([tasks_lib.get(t) for t in reported])
   out = pathlib.Path(args.out).absolute()
-  out_dir = out / args.experiment
+  out_dir = out / (args.experiment + ("-task_lr" if args.lr_schedule == "task" else ""))
   out_dir.mkdir(parents=True, exist_ok=True)
 
   rows = []
@@ -329,7 +346,9 @@ def main(argv=None) -> dict:
            if args.experiment == "sampling" else "tasks drawn uniformly")
   head = (f"`python -m experiments.findings {' '.join(argv if argv is not None else sys.argv[1:])}`"
           f"\n\nConfig `{args.config}`, S = {args.steps} steps per task (a run of T tasks: T * S "
-          f"steps, {drawn}), warm-up {args.warmup}; first {args.eval_examples} test "
+          f"steps, {drawn}), warm-up {args.warmup} "
+          f"{'of each task (per-task schedule)' if args.lr_schedule == 'task' else 'steps'}; "
+          f"first {args.eval_examples} test "
           f"examples of each task; mean ± standard deviation over seeds {seeds}.\n")
   plots = []
   if args.experiment == "joint_vs_single":

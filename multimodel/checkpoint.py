@@ -3,7 +3,8 @@
 Each checkpoint holds three items:
   `state`: params, optimizer state, step, skipped-step count, base RNG key, with
            `train.l2sp` > 0 the L2-SP starting point `l2sp`, and with
-           `train.loss_weighting="gradnorm"` the GradNorm weights `gradnorm` (arrays, sharded);
+           `train.loss_weighting="gradnorm"` the GradNorm weights `gradnorm`, and with
+           `train.lr_schedule="task"` each task's step count `task_steps` (arrays, sharded);
   `data`:  the input mixture's iterator state (JSON), so a resumed run sees the same batches;
   `meta`:  the config, the task names and the tokenizer (JSON; the tokenizer as base64 bytes).
 Nothing is pickled: restoring never executes stored code. `load_run` reads what inference needs
@@ -57,8 +58,9 @@ def check_compatible(saved_meta: dict, config, task_names, workdir) -> None:
 
   The state's layout also depends on `train.freeze` (frozen parameters have no optimizer state),
   on whether `train.l2sp` is on (the L2-SP starting point is kept in the state), on
-  `train.loss_weighting` (GradNorm keeps its weights in the state) and on `data.train_examples`
-  (the data iterators' state).
+  `train.loss_weighting` (GradNorm keeps its weights in the state), on `train.lr_schedule` (the
+  per-task schedule keeps each task's step count) and on `data.train_examples` (the data
+  iterators' state).
   """
   new = config_to_json(config)
   problems = _diff(saved_meta["config"]["model"], new["model"], "model")
@@ -76,6 +78,10 @@ def check_compatible(saved_meta: dict, config, task_names, workdir) -> None:
   if saved_weighting != new["train"]["loss_weighting"]:
     problems.append(f"train.loss_weighting: saved {saved_weighting!r}, "
                     f"new {new['train']['loss_weighting']!r} (they keep different states)")
+  saved_schedule = saved_train.get("lr_schedule", "global")  # Runs from before the key.
+  if saved_schedule != new["train"]["lr_schedule"]:
+    problems.append(f"train.lr_schedule: saved {saved_schedule!r}, "
+                    f"new {new['train']['lr_schedule']!r} (they keep different states)")
   if saved_data.get("train_examples", 0) != new["data"]["train_examples"]:
     problems.append(f"data.train_examples: saved {saved_data.get('train_examples', 0)}, "
                     f"new {new['data']['train_examples']}")

@@ -31,8 +31,27 @@ def noam_rate(learning_rate: float, d_model: int, warmup_steps: int, step: int) 
   return learning_rate * d_model ** -0.5 * min(step * warmup_steps ** -1.5, step ** -0.5)
 
 
+LR_SCHEDULES = ("global", "task")
+
+
+def schedule(train_cfg, d_model: int) -> optax.Schedule:
+  """The run's noam schedule (`train.learning_rate`, `train.warmup_steps`)."""
+  return noam_schedule(train_cfg.learning_rate, d_model, train_cfg.warmup_steps)
+
+
+def per_task_schedule(train_cfg) -> bool:
+  """True when the schedule counts each task's own steps (`train.lr_schedule="task"`)."""
+  if train_cfg.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={train_cfg.lr_schedule!r}; valid values: {LR_SCHEDULES}")
+  return train_cfg.lr_schedule == "task"
+
+
 def make(train_cfg, d_model: int, frozen: Any = None) -> optax.GradientTransformation:
   """Clip by global norm, then Adam(b1, b2, eps) scaled by the noam schedule.
+
+  With `train.lr_schedule="task"` the transformation stops at Adam's direction: the train step
+  scales it by minus the schedule at the count of the step's task (`apply_learning_rate`), the
+  same product optax's `scale_by_learning_rate` takes at its own count.
 
   Args:
     train_cfg: the `train` section of a config.
@@ -40,15 +59,21 @@ def make(train_cfg, d_model: int, frozen: Any = None) -> optax.GradientTransform
     frozen: None, or a tree of bools shaped like the parameters: True leaves get zero updates
       and no Adam moments (the clip's global norm is over the trainable gradients only).
   """
-  schedule = noam_schedule(train_cfg.learning_rate, d_model, train_cfg.warmup_steps)
+  adam = dict(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps)
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.clip_norm),
-      optax.adam(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
+      optax.scale_by_adam(**adam) if per_task_schedule(train_cfg)
+      else optax.adam(schedule(train_cfg, d_model), **adam),
   )
   if frozen is None or not any(jax.tree.leaves(frozen)):
     return tx
   labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def apply_learning_rate(directions: Any, rate: jax.Array) -> Any:
+  """Adam's directions -> updates: times -rate, as optax's `scale_by_learning_rate` does."""
+  return jax.tree.map(lambda d: jnp.array(-rate, dtype=d.dtype) * d, directions)
 
 
 def _examples_of_paths(keys: Sequence[str]) -> str:

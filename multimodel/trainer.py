@@ -90,7 +90,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
 def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | None, *,
                graphdef, tx: optax.GradientTransformation,
                tasks: tuple[tuple[str, TaskSpec], ...], frozen: tuple[bool, ...] | None = None,
-               l2sp: float = 0.0, gradnorm: tuple | None = None) -> tuple[dict, dict]:
+               l2sp: float = 0.0, gradnorm: tuple | None = None,
+               task_schedule: tuple | None = None) -> tuple[dict, dict]:
   """One optimizer step on the weighted sum of the losses of `tasks` (one task: weight 1).
 
   A step whose loss or gradient is not finite leaves params, optimizer state and GradNorm weights
@@ -105,6 +106,10 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
     gradnorm: None, or (alpha, lr, shared) of GradNorm (`multimodel/gradnorm.py`), `shared`
       marking the parameter leaves of W: the loss weights are `state["gradnorm"]["weights"]`
       (tasks in sorted order), and the step updates them (the loss uses those from before).
+    task_schedule: None (`tx` applies the learning rate at its own count), or (schedule, ids) of
+      `train.lr_schedule="task"`: `tx` gives Adam's directions, the rate is `schedule` at the
+      count `state["task_steps"]` (one per task of the run, sorted) holds for the step's tasks
+      `ids` (equal counts with the all-tasks step), and those counts advance.
   """
 
   def task_loss(params, i):
@@ -162,6 +167,10 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
   if gradnorm is not None:  # A non-finite gradient on a frozen W must not reach the weights.
     finite = finite & jnp.isfinite(norms).all()
   updates, opt_state = tx.update(grads, state["opt_state"], params)
+  if task_schedule is not None:
+    schedule, ids = task_schedule
+    ids = jnp.asarray(ids)
+    updates = optim.apply_learning_rate(updates, schedule(state["task_steps"][ids].max()))
   new_params = optax.apply_updates(params, updates)
   if frozen:  # The old arrays themselves: not even the sign of a zero can change.
     old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
@@ -173,6 +182,8 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
   if gradnorm is not None:
     new_state["gradnorm"] = keep(task_weights, state["gradnorm"])
+  if task_schedule is not None:
+    new_state["task_steps"] = keep(state["task_steps"].at[ids].add(1), state["task_steps"])
   out = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tasks": metrics}
   if penalty is not None:
     out["l2sp_loss"] = penalty
@@ -280,6 +291,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
                      "checkpoint, and no --init was given")
   use_gradnorm = _check_loss_weighting(train_cfg, train_cfg.step_mode if mixture is None
                                        else mixture.mode)
+  per_task_lr = optim.per_task_schedule(train_cfg)
 
   ckpts = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints,
                                  every=train_cfg.checkpoint_every)
@@ -323,6 +335,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
                        "weight": jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)}
     if use_gradnorm:  # Not copied by a warm start: it starts afresh for this run's tasks.
       state["gradnorm"] = gradnorm_lib.init(len(task_names))
+    if per_task_lr:  # Steps of each task (sorted names) so far: where its schedule stands.
+      state["task_steps"] = jnp.zeros(len(task_names), jnp.int32)
     return state
 
   abstract_state = jax.eval_shape(init_state)
@@ -355,13 +369,19 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       gradnorm_lib.shared_mask(checkpoint.param_keys(abstract_params),
                                config.model.encoder_blocks))) if use_gradnorm else None
 
+  sorted_names = sorted(task_names)
+  schedule = optim.schedule(train_cfg, config.model.d_model)
+
   def step_fn(names: tuple[str, ...]):
     if names not in step_fns:
       specs = tuple((n, evaluation.task_spec(mixture.tasks[n])) for n in names)
+      task_schedule = (schedule, tuple(sorted_names.index(n) for n in names)) if per_task_lr \
+          else None
       step_fns[names] = jax.jit(
           functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs,
                             frozen=tuple(frozen) if any(frozen) else None,
-                            l2sp=float(train_cfg.l2sp), gradnorm=gradnorm),
+                            l2sp=float(train_cfg.l2sp), gradnorm=gradnorm,
+                            task_schedule=task_schedule),
           in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
           out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return step_fns[names]
@@ -405,8 +425,9 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
                       else "all")
       if step % train_cfg.log_every == 0 or step == total:
         record = window.record()
-        record["learning_rate"] = optim.noam_rate(
-            train_cfg.learning_rate, config.model.d_model, train_cfg.warmup_steps, step - 1)
+        record["learning_rate"] = _logged_rates(train_cfg, config.model.d_model, step, (
+            dict(zip(sorted_names, jax.device_get(state["task_steps"]).tolist()))
+            if per_task_lr else None))
         record["skipped_steps"] = int(jax.device_get(state["skipped"]))
         record["mixture"] = mixture.probabilities()
         metrics_writer.write(step, record)
@@ -487,6 +508,16 @@ def _check_loss_weighting(train_cfg, step_mode: str) -> bool:
     raise ValueError(f"GradNorm needs train.gradnorm_alpha >= 0 and train.gradnorm_lr > 0, got "
                      f"{train_cfg.gradnorm_alpha} and {train_cfg.gradnorm_lr}")
   return True
+
+
+def _logged_rates(train_cfg, d_model: int, step: int, task_steps: dict[str, int] | None):
+  """The learning rate of the last step; with `lr_schedule="task"` that of each task's last step
+  ({task: rate}, tasks not yet trained left out). Plain Python: nothing compiles."""
+  rate = functools.partial(optim.noam_rate, train_cfg.learning_rate, d_model,
+                           train_cfg.warmup_steps)
+  if task_steps is None:
+    return rate(step - 1)
+  return {name: rate(count - 1) for name, count in task_steps.items() if count > 0}
 
 
 def _step_weights(mixture, names) -> jnp.ndarray:

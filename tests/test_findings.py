@@ -135,3 +135,22 @@ def test_sampling_variants_pick_runs_and_unknown_ones_fail():
   assert plan[1][2] == {"data.mixture": "adaptive"}
   with pytest.raises(SystemExit):
     findings.parse_args(["sampling", "--variants", "uniform,softmax"])
+
+
+def test_task_schedule_renames_joint_runs_and_shares_single_ones(env, tmp_path):
+  """--lr_schedule task: the joint run trains with train.lr_schedule="task" under its own name,
+  the single runs (the same under both schedules) are read back from the plain experiment."""
+  out = tmp_path / "findings"
+  args = ("joint_vs_single", "--tasks", "image_mnist5k,parse_en")
+  run(env, out, *args)
+  singles = sorted(p.stat().st_mtime_ns for p in (out / "runs").glob("single-*/checkpoints/*"))
+  run(env, out, *args, "--lr_schedule", "task")
+  assert sorted(p.stat().st_mtime_ns
+                for p in (out / "runs").glob("single-*/checkpoints/*")) == singles
+  runs = json.loads((out / "joint_vs_single-task_lr" / "results.json").read_text())["runs"]
+  assert [r["run"] for r in runs] == [
+      "single-image_mnist5k", "single-parse_en", "joint-image_mnist5k+parse_en-task_lr"]
+  saved = json.loads((out / "runs" / "joint-image_mnist5k+parse_en-task_lr-s0" /
+                      "config.json").read_text())
+  assert saved["train"]["lr_schedule"] == "task"
+  assert "per-task schedule" in (out / "joint_vs_single-task_lr" / "results.md").read_text()

@@ -16,7 +16,7 @@ import pytest
 
 from data import tasks as tasks_lib
 from data.mixture import Mixture
-from multimodel import checkpoint, gradnorm, trainer, writer
+from multimodel import checkpoint, gradnorm, optim, trainer, writer
 from multimodel.configs import tiny
 from tests import tiny_data
 
@@ -317,9 +317,49 @@ def test_gradnorm_needs_the_all_tasks_step(tmp_path):
 
 def test_logged_learning_rate_is_the_schedule_without_device_work():
   """The trainer logs `noam_rate` (plain Python: no eager jnp op compiles after warm-up)."""
-  from multimodel import optim  # pylint: disable=import-outside-toplevel
   schedule = optim.noam_schedule(0.2, 256, 300)
   for step in (0, 1, 150, 299, 300, 1799, 100_000):
     rate = optim.noam_rate(0.2, 256, 300, step)
     assert isinstance(rate, float)
     assert rate == pytest.approx(float(schedule(step)), rel=1e-6)
+
+
+def test_per_task_schedule_alone_equals_the_global_one(tmp_path, monkeypatch):
+  """One task: its own step count is the run's, so both schedules give the same parameters."""
+  tiny_data.use(monkeypatch)
+  runs = {}
+  for schedule in optim.LR_SCHEDULES:
+    config = two_task_config(steps=3, lr_schedule=schedule)
+    with config.unlocked():
+      config.data.tasks = "translate_en_fr"
+    trainer.train_and_evaluate(config, tmp_path / schedule, progress=False)
+    runs[schedule] = final_params(tmp_path / schedule)
+  assert_same_params(runs["global"], runs["task"])
+
+
+def test_per_task_schedule_counts_each_task_logs_and_resumes(tmp_path, monkeypatch):
+  """Two tasks, one per step: each task's logged rate is the schedule at its own count (which
+  the checkpoint keeps), not at the run's; a resume with the global schedule is refused."""
+  tiny_data.use(monkeypatch)
+  config = lambda steps, schedule="task": two_task_config(steps=steps, lr_schedule=schedule,
+                                                          warmup_steps=4)
+  trainer.train_and_evaluate(config(4), tmp_path, progress=False)
+  trainer.train_and_evaluate(config(6), tmp_path, progress=False)  # Resumes at step 4.
+  records = writer.read(tmp_path)
+  assert [r["step"] for r in records] == list(range(1, 7))
+  counts = {"image_mnist5k": 0, "translate_en_fr": 0}
+  rate = lambda count: optim.noam_rate(config(1).train.learning_rate, 32, 4, count - 1)
+  for record in records:
+    for name, n in record["steps"].items():
+      counts[name] += n
+    assert record["learning_rate"] == {n: pytest.approx(rate(c)) for n, c in counts.items() if c}
+  assert 0 < counts["image_mnist5k"] < 6  # Both tasks were drawn: the counts differ from 6.
+  with pytest.raises(checkpoint.WorkdirError,
+                     match="train.lr_schedule: saved 'task', new 'global'"):
+    trainer.train_and_evaluate(config(7, "global"), tmp_path, progress=False)
+
+
+def test_unknown_lr_schedule_fails(tmp_path):
+  with pytest.raises(ValueError, match=r"train.lr_schedule='steps'; valid values: \('global'"):
+    trainer.train_and_evaluate(two_task_config(steps=1, lr_schedule="steps"), tmp_path,
+                               progress=False)

@@ -59,6 +59,10 @@ TRAIN = dict(
     gradnorm_lr=0.025,  # Learning rate of the GradNorm weights (plain gradient steps).
     learning_rate=0.2,  # Multiplier of the noam schedule.
     warmup_steps=4000,
+    # What the noam schedule counts: "global" (the run's steps) or "task" (the steps of the task
+    # being trained so far, kept in the state): with one task per step, every task then follows
+    # the schedule it would follow alone (experiments/findings.py compares the two).
+    lr_schedule="global",
     adam_b1=0.85,
     adam_b2=0.997,
     adam_eps=1e-6,
