@@ -202,14 +202,19 @@ class _Window:
   l2sp: list = dataclasses.field(default_factory=list)
   start: float = dataclasses.field(default_factory=time.time)
 
-  def add(self, task_metrics: dict, examples: int, l2sp_loss: float | None = None) -> None:
+  def add(self, task_metrics: dict, examples: int, grad_norm: float,
+          l2sp_loss: float | None = None) -> None:
+    """One finite step: its tasks' metrics, its examples, its gradient's global norm (before
+    clipping; credited to each of the step's tasks)."""
     self.examples += examples
     if l2sp_loss is not None:
       self.l2sp.append(float(l2sp_loss))
     for task, m in task_metrics.items():
       s = self.sums.setdefault(task, {"steps": 0, "loss": 0.0, "nll": 0.0, "correct": 0.0,
-                                      "weight": 0.0, "moe_loss": 0.0, "load": {}, "dropped": {}})
+                                      "weight": 0.0, "moe_loss": 0.0, "grad_norm": 0.0,
+                                      "load": {}, "dropped": {}})
       s["steps"] += 1
+      s["grad_norm"] += float(grad_norm)
       if "task_weight" in m:  # The all-tasks step's loss weight of the task.
         s["task_weight"] = s.get("task_weight", 0.0) + float(m["task_weight"])
       s["loss"] += float(m["task_loss"])
@@ -224,8 +229,8 @@ class _Window:
   def record(self) -> dict:
     seconds = max(time.time() - self.start, 1e-9)
     out = {"examples_per_second": self.examples / seconds, "loss": {}, "log_perplexity": {},
-           "token_accuracy": {}, "moe_loss": {}, "expert_load": {}, "expert_dropped": {},
-           "steps": {}}
+           "token_accuracy": {}, "moe_loss": {}, "grad_norm": {}, "expert_load": {},
+           "expert_dropped": {}, "steps": {}}
     if self.l2sp:
       out["l2sp_loss"] = sum(self.l2sp) / len(self.l2sp)
     for task, s in self.sums.items():
@@ -234,6 +239,7 @@ class _Window:
       out["log_perplexity"][task] = s["nll"] / w
       out["token_accuracy"][task] = s["correct"] / w
       out["moe_loss"][task] = s["moe_loss"] / n
+      out["grad_norm"][task] = s["grad_norm"] / n
       out["steps"][task] = n
       if "task_weight" in s:
         out.setdefault("task_weight", {})[task] = s["task_weight"] / n
@@ -408,7 +414,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
       step += 1
       if metrics["finite"]:
         in_a_row = 0
-        window.add(metrics["tasks"], _examples(batches), metrics.get("l2sp_loss"))
+        window.add(metrics["tasks"], _examples(batches), metrics["grad_norm"],
+                   metrics.get("l2sp_loss"))
         for name in names:
           mixture.report_loss(name, float(metrics["tasks"][name]["task_loss"]))
       else:

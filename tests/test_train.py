@@ -80,6 +80,8 @@ def test_cli_end_to_end(straight_run):
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   for r in records:
     assert all(np.isfinite(v) for v in r["loss"].values())
+    assert r["grad_norm"].keys() == r["loss"].keys()
+    assert all(np.isfinite(v) and v > 0 for v in r["grad_norm"].values())
     assert r["skipped_steps"] == 0
   seen = {t for r in records for t in r["loss"]}
   assert seen <= {"image_mnist5k", "translate_en_fr"} and seen
