@@ -96,12 +96,14 @@ class AttentionBlock(nnx.Module):
 
   With `enabled=False` (the paper's no-attention ablation) self-attention is skipped and the
   cross-attention is replaced by the masked mean of the memory, so the decoder still sees the input.
+  With `pre_norm` the layer norm moves onto the branch's input, x + f(norm(x)), instead of
+  norm(x + f(x)) (see `model.norm` in the configs).
   """
 
   def __init__(self, features: int, num_heads: int, *, self_attention: bool = True,
-               enabled: bool = True, dropout: float = 0.0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.enabled, self.has_self = enabled, self_attention and enabled
+               enabled: bool = True, pre_norm: bool = False, dropout: float = 0.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.enabled, self.has_self, self.pre_norm = enabled, self_attention and enabled, pre_norm
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if self.has_self:
       self.self_attn = MultiHeadAttention(features, num_heads, **kw)
@@ -111,23 +113,28 @@ class AttentionBlock(nnx.Module):
     self.cross_norm = nnx.LayerNorm(features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def _residual(self, norm, x, y, train, rngs):
-    y = self.dropout(y, deterministic=not train, rngs=rngs)
-    return norm((x + y).astype(jnp.float32)).astype(x.dtype)
+  def _residual(self, norm, x, branch, train, rngs):
+    """x + branch with its layer norm: norm(x + branch(x)), or x + branch(norm(x)) when pre_norm."""
+    normed = lambda v: norm(v.astype(jnp.float32)).astype(x.dtype)
+    if self.pre_norm:
+      return x + self.dropout(branch(normed(x)), deterministic=not train, rngs=rngs)
+    return normed(x + self.dropout(branch(x), deterministic=not train, rngs=rngs))
 
   def __call__(self, x: Array, memory: Array, memory_mask: Array | None = None, *,
                train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
     """x [B, T, D] (causal over T), memory [B, S, D], memory_mask bool [B, S] -> [B, T, D]."""
     if self.has_self:
-      h = add_timing(x)
-      x = self._residual(self.self_norm, x, self.self_attn(h, h, causal_mask(x.shape[1])),
-                         train, rngs)
+      def self_branch(v):
+        h = add_timing(v)
+        return self.self_attn(h, h, causal_mask(v.shape[1]))
+      x = self._residual(self.self_norm, x, self_branch, train, rngs)
     if not self.enabled:
       mean = conv.masked_mean(memory, memory_mask, keepdims=True)  # [B, 1, D]
-      return self._residual(self.cross_norm, x, mean, train, rngs)
+      return self._residual(self.cross_norm, x, lambda v: jnp.broadcast_to(mean, v.shape),
+                            train, rngs)
     mask = None if memory_mask is None else memory_mask[:, None, :]  # [B, 1, S]
-    return self._residual(self.cross_norm, x, self.cross_attn(add_timing(x), memory, mask),
-                          train, rngs)
+    return self._residual(self.cross_norm, x,
+                          lambda v: self.cross_attn(add_timing(v), memory, mask), train, rngs)
 
   def init_state(self, memory: Array, memory_mask: Array | None, max_length: int) -> dict:
     """Decoding state: cross keys/values of the memory once, empty self-attention cache."""
@@ -149,16 +156,19 @@ class AttentionBlock(nnx.Module):
     """One position: x [B, 1, D] at `position` (int scalar) -> ([B, 1, D], new state)."""
     state = dict(state)
     if self.has_self:
-      h = add_timing(x, position)
-      k, v = self.self_attn.project_kv(h)  # [B, 1, H, d]
-      state["self_k"] = jax.lax.dynamic_update_slice_in_dim(state["self_k"], k, position, axis=1)
-      state["self_v"] = jax.lax.dynamic_update_slice_in_dim(state["self_v"], v, position, axis=1)
-      seen = (jnp.arange(state["self_k"].shape[1]) <= position)[None, None, :]  # [1, 1, T_max]
-      x = self._residual(self.self_norm, x,
-                         self.self_attn.attend(h, state["self_k"], state["self_v"], seen),
-                         False, None)
+      def self_branch(v):
+        h = add_timing(v, position)
+        k, v = self.self_attn.project_kv(h)  # [B, 1, H, d]
+        for name, new in (("self_k", k), ("self_v", v)):
+          state[name] = jax.lax.dynamic_update_slice_in_dim(state[name], new, position, axis=1)
+        seen = (jnp.arange(state["self_k"].shape[1]) <= position)[None, None, :]  # [1, 1, T_max]
+        return self.self_attn.attend(h, state["self_k"], state["self_v"], seen)
+      x = self._residual(self.self_norm, x, self_branch, False, None)
     if not self.enabled:
-      return self._residual(self.cross_norm, x, state["memory_mean"], False, None), state
-    y = self.cross_attn.attend(add_timing(x, position), state["cross_k"], state["cross_v"],
-                               state["memory_mask"][:, None, :])
-    return self._residual(self.cross_norm, x, y, False, None), state
+      mean = state["memory_mean"]
+      return self._residual(self.cross_norm, x, lambda v: jnp.broadcast_to(mean, v.shape),
+                            False, None), state
+    def cross_branch(v):
+      return self.cross_attn.attend(add_timing(v, position), state["cross_k"], state["cross_v"],
+                                    state["memory_mask"][:, None, :])
+    return self._residual(self.cross_norm, x, cross_branch, False, None), state

@@ -63,7 +63,8 @@ def check_compatible(saved_meta: dict, config, task_names, workdir) -> None:
   iterators' state).
   """
   new = config_to_json(config)
-  problems = _diff(saved_meta["config"]["model"], new["model"], "model")
+  saved_model = {"norm": "post", **saved_meta["config"]["model"]}  # Runs from before the key.
+  problems = _diff(saved_model, new["model"], "model")
   if sorted(saved_meta["tasks"]) != sorted(task_names):
     problems.append(f"tasks: saved {sorted(saved_meta['tasks'])}, new {sorted(task_names)}")
   saved_train = saved_meta["config"].get("train", {})

@@ -33,6 +33,27 @@ class TaskSpec:
   label_offset: int = 0
 
 
+NORMS = ("post", "pre")
+
+
+def pre_norm(cfg) -> bool:
+  """True for `model.norm = "pre"`; configs saved before the key are "post" (the paper's)."""
+  norm = cfg.get("norm", "post")
+  if norm not in NORMS:
+    raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
+  return norm == "pre"
+
+
+def final_norm(cfg, param_dtype, rngs):
+  """The layer norm at the end of a pre-norm stack (None for post-norm, whose blocks end in one)."""
+  return nnx.LayerNorm(cfg.d_model, dtype=jnp.float32, param_dtype=param_dtype,
+                       rngs=rngs) if pre_norm(cfg) else None
+
+
+def _apply(norm, x):
+  return x if norm is None else norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def compute_dtype(name: str):
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
@@ -40,7 +61,10 @@ def compute_dtype(name: str):
 
 
 class ExpertsBlock(nnx.Module):
-  """Mixture of experts (or a dense feed-forward layer) with residual, dropout and layer norm."""
+  """Mixture of experts (or a dense feed-forward layer) with residual, dropout and layer norm.
+
+  norm(x + ffn(x)) (the paper's), or x + ffn(norm(x)) with `model.norm = "pre"`.
+  """
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -56,11 +80,13 @@ class ExpertsBlock(nnx.Module):
     self.step_capacity_factor = float(cfg.num_experts) / cfg.top_k if cfg.use_moe else None
     self.norm = nnx.LayerNorm(d, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
+    self.pre_norm = pre_norm(cfg)
 
   def __call__(self, x, mask=None, *, train=False, rngs=None, capacity_factor=None):
-    y, aux = self.ffn(x, mask, train=train, rngs=rngs, capacity_factor=capacity_factor)
+    h = _apply(self.norm, x) if self.pre_norm else x
+    y, aux = self.ffn(h, mask, train=train, rngs=rngs, capacity_factor=capacity_factor)
     y = self.dropout(y, deterministic=not train, rngs=rngs)
-    return self.norm((x + y).astype(jnp.float32)).astype(x.dtype), aux
+    return (x + y if self.pre_norm else _apply(self.norm, x + y)), aux
 
   def step(self, x):
     return self(x, None, train=False, capacity_factor=self.step_capacity_factor)[0]
@@ -72,7 +98,10 @@ def _moe_position(num_blocks: int) -> int:
 
 
 class Encoder(nnx.Module):
-  """Conv blocks ('same' padding) with a mixture of experts in the middle. [B, S, D] -> [B, S, D]."""
+  """Conv blocks ('same' padding) with a mixture of experts in the middle. [B, S, D] -> [B, S, D].
+
+  A pre-norm encoder ends in a layer norm.
+  """
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -81,6 +110,7 @@ class Encoder(nnx.Module):
         for _ in range(cfg.encoder_blocks)])
     self.experts = ExpertsBlock(cfg, **kw)
     self.moe_at = _moe_position(cfg.encoder_blocks)
+    self.final_norm = final_norm(cfg, param_dtype, rngs)
 
   def __call__(self, x, mask, *, train=False, rngs=None):
     aux = {}
@@ -88,7 +118,7 @@ class Encoder(nnx.Module):
       x = block(x, mask, train=train, rngs=rngs)
       if i == self.moe_at:
         x, aux = self.experts(x, mask, train=train, rngs=rngs)
-    return conv.apply_mask(x, mask), aux
+    return conv.apply_mask(_apply(self.final_norm, x), mask), aux
 
 
 class Mixer(nnx.Module):
@@ -97,7 +127,8 @@ class Mixer(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention = attention.AttentionBlock(cfg.d_model, cfg.num_heads,
-                                              enabled=cfg.use_attention, dropout=cfg.dropout, **kw)
+                                              enabled=cfg.use_attention, pre_norm=pre_norm(cfg),
+                                              dropout=cfg.dropout, **kw)
     self.blocks = nnx.List([
         conv.ConvBlock(cfg.d_model, cfg.kernel_size, tuple(cfg.dilations), causal=True,
                        dropout=cfg.dropout, **kw) for _ in range(cfg.mixer_blocks)])
@@ -122,7 +153,10 @@ class Mixer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Blocks of (causal conv block, attention to the encoder); mixture of experts in the middle."""
+  """Blocks of (causal conv block, attention to the encoder); mixture of experts in the middle.
+
+  A pre-norm decoder ends in a layer norm.
+  """
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -131,9 +165,11 @@ class Decoder(nnx.Module):
                        dropout=cfg.dropout, **kw) for _ in range(cfg.decoder_blocks)])
     self.attentions = nnx.List([
         attention.AttentionBlock(cfg.d_model, cfg.num_heads, enabled=cfg.use_attention,
-                                 dropout=cfg.dropout, **kw) for _ in range(cfg.decoder_blocks)])
+                                 pre_norm=pre_norm(cfg), dropout=cfg.dropout, **kw)
+        for _ in range(cfg.decoder_blocks)])
     self.experts = ExpertsBlock(cfg, **kw)
     self.moe_at = _moe_position(cfg.decoder_blocks)
+    self.final_norm = final_norm(cfg, param_dtype, rngs)
 
   def __call__(self, y, memory, memory_mask, target_mask, *, train=False, rngs=None):
     aux = {}
@@ -142,7 +178,7 @@ class Decoder(nnx.Module):
       y = att(y, memory, memory_mask, train=train, rngs=rngs)
       if i == self.moe_at:
         y, aux = self.experts(y, target_mask, train=train, rngs=rngs)
-    return y, aux
+    return _apply(self.final_norm, y), aux
 
   def init_state(self, memory, memory_mask, max_length):
     return {"convs": [c.init_state(memory.shape[0], memory.dtype) for c in self.convs],
@@ -157,7 +193,7 @@ class Decoder(nnx.Module):
       atts.append(a)
       if i == self.moe_at:
         y = self.experts.step(y)
-    return y, {"convs": convs, "attentions": atts}
+    return _apply(self.final_norm, y), {"convs": convs, "attentions": atts}
 
 
 class MultiModel(nnx.Module):

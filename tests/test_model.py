@@ -33,9 +33,10 @@ def randomize_gates(m: MultiModel, seed: int = 0) -> MultiModel:
   return m
 
 
-@pytest.fixture(scope="module")
-def model():
-  return randomize_gates(MultiModel(small_config(), rngs=nnx.Rngs(0)))
+@pytest.fixture(scope="module", params=["post", "pre"])
+def model(request):
+  """Both placements of the layer norms (`model.norm`): every test below holds for each."""
+  return randomize_gates(MultiModel(small_config(norm=request.param), rngs=nnx.Rngs(0)))
 
 
 def ids(rng, shape, vocab=64):
@@ -204,7 +205,8 @@ def test_cached_decoding_equals_full_forward(model, input_modality):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_moe=False), dict(use_attention=False),
-                                       dict(dtype="bfloat16")])
+                                       dict(dtype="bfloat16"), dict(norm="pre"),
+                                       dict(norm="pre", use_attention=False)])
 def test_gradients_finite_and_ablations(overrides):
   m = MultiModel(small_config(**overrides), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(5)
@@ -231,6 +233,20 @@ def test_ablation_removes_modules():
   names = lambda m: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
   assert not any("attn" in n for n in names(no_att)) and any("attn" in n for n in names(full))
   assert not any("experts/ffn/gate" in n for n in names(no_moe))
+
+
+def test_pre_norm_moves_the_norms_and_ends_each_stack_in_one():
+  post = MultiModel(small_config(), rngs=nnx.Rngs(0))
+  pre = MultiModel(small_config(norm="pre"), rngs=nnx.Rngs(0))
+  names = lambda m: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  assert names(pre) - names(post) == {f"{stack}/final_norm/{p}" for stack in ("encoder", "decoder")
+                                      for p in ("scale", "bias")}
+  rng = np.random.default_rng(6)
+  task = TaskSpec("text", "text", command_id=1)
+  src, tgt = ids(rng, (B, S)), ids(rng, (B, T))
+  assert not np.allclose(np.asarray(post(task, src, tgt)[0]), np.asarray(pre(task, src, tgt)[0]))
+  with pytest.raises(ValueError, match="model.norm must be one of"):
+    MultiModel(small_config(norm="middle"), rngs=nnx.Rngs(0))
 
 
 def count_params(cfg) -> int:
@@ -262,10 +278,12 @@ def count_params(cfg) -> int:
     mel = -(-mel // 2)
   audio += mel * a.conv_filters * d + d
   commands = cfg.num_commands * d
-  return encoder + mixer + decoder + text + label + image + audio + commands
+  final_norms = 2 * ln if cfg.norm == "pre" else 0
+  return encoder + mixer + decoder + text + label + image + audio + commands + final_norms
 
 
-@pytest.mark.parametrize("config", [small_config(), paper.get_config().model])
+@pytest.mark.parametrize("config", [small_config(), small_config(norm="pre"),
+                                    paper.get_config().model])
 def test_parameter_count_matches_formula(config):
   abstract = nnx.eval_shape(lambda: MultiModel(config, rngs=nnx.Rngs(0)))
   actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

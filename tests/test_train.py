@@ -153,6 +153,19 @@ def test_incompatible_workdir_is_refused(straight_run, env):
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
+def test_a_run_saved_before_model_norm_existed_resumes_as_post_norm(tmp_path):
+  """Configs saved before `model.norm` hold no such key: they were post-norm runs."""
+  config = tiny.get_config()
+  saved = checkpoint.config_to_json(config)
+  del saved["model"]["norm"]
+  meta = {"config": saved, "tasks": ["image_mnist5k"]}
+  checkpoint.check_compatible(meta, config, ["image_mnist5k"], tmp_path)
+  with config.unlocked():
+    config.model.norm = "pre"
+  with pytest.raises(checkpoint.WorkdirError, match="model.norm: saved 'post', new 'pre'"):
+    checkpoint.check_compatible(meta, config, ["image_mnist5k"], tmp_path)
+
+
 def test_unknown_task_and_config_key_fail_with_valid_lists(env, tmp_path):
   environ, cache = env
   result = run(train_cmd(tmp_path, cache, "--config.data.tasks=image_mnist5k,no_such_task"),

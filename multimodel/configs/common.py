@@ -30,6 +30,10 @@ MODEL = dict(
     num_labels=1000,  # Size of the shared label space of categorical targets.
     num_commands=32,  # Slots of the command-token embedding table.
     label_smoothing=0.1,
+    # Where the layer norms of the attention and expert blocks sit: "post" (the paper's and
+    # tensor2tensor's, norm(x + f(x))) or "pre" (x + f(norm(x)), with a final norm after the
+    # encoder and the decoder; Xiong et al. 2020). The conv steps end in their own norm in both.
+    norm="post",
     dtype="float32",  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
     image=dict(
         channels=3,  # Input channels the stem expects (grayscale images are tiled to RGB).
