@@ -2,6 +2,9 @@
 
 - `loss_per_task.png`: training loss of each task against the step.
 - `expert_load.png`: which experts each task uses (mean load per expert, one heatmap per MoE layer).
+
+Runs side by side: `python -m multimodel.plot --compare OUT.png WORKDIR [WORKDIR ...]` draws one
+panel per task with each run's training log-perplexity (smoothed over a few log steps).
 """
 
 import pathlib
@@ -74,6 +77,46 @@ def plot_expert_load(records: list[dict], out: pathlib.Path) -> pathlib.Path | N
   return path
 
 
+def _smooth(values: list[float], window: int) -> np.ndarray:
+  """Trailing mean over `window` points (fewer at the start)."""
+  v = np.asarray(values, float)
+  c = np.cumsum(np.concatenate([[0.0], v]))
+  lo = np.maximum(np.arange(1, len(v) + 1) - window, 0)
+  return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
+
+
+def plot_compare(workdirs: list[str | pathlib.Path], path: str | pathlib.Path, *,
+                 key: str = "log_perplexity", window: int = 4) -> pathlib.Path:
+  """One panel per task, one curve per run (labelled by its folder name) of `key` by step."""
+  runs = {pathlib.Path(w).name: writer.read(w) for w in workdirs}
+  tasks = sorted({t for records in runs.values() for r in records for t in r.get(key, {})})
+  if not tasks:
+    raise ValueError(f"none of {[str(w) for w in workdirs]} logged {key!r}")
+  cols = min(len(tasks), 5)
+  rows = -(-len(tasks) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+  for ax, task in zip(axes.flat, tasks):
+    for name, records in runs.items():
+      points = [(r["step"], r[key][task]) for r in records if task in r.get(key, {})]
+      if points:
+        steps, values = zip(*points)
+        ax.plot(steps, _smooth(list(values), window), label=name, lw=1.2)
+    ax.set_title(task, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=7)
+  fig.supxlabel("step", fontsize=9)
+  fig.supylabel(f"training {key.replace('_', ' ')}", fontsize=9)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plot_run(workdir: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the plots of a run's metrics.jsonl; returns their paths."""
   records = writer.read(workdir)
@@ -85,14 +128,18 @@ def plot_run(workdir: str | pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1:
-    print("usage: python -m multimodel.plot WORKDIR", file=sys.stderr)
+  compare = argv[:1] == ["--compare"]
+  workdirs = argv[2:] if compare else argv
+  if (compare and len(argv) < 3) or (not compare and len(argv) != 1):
+    print("usage: python -m multimodel.plot WORKDIR\n"
+          "       python -m multimodel.plot --compare OUT.png WORKDIR [WORKDIR ...]", file=sys.stderr)
     return 2
-  metrics = pathlib.Path(argv[0]) / "metrics.jsonl"
-  if not metrics.exists():
-    print(f"error: {metrics} does not exist (is {argv[0]} a training workdir?)", file=sys.stderr)
-    return 2
-  for path in plot_run(argv[0]):
+  for workdir in workdirs:
+    metrics = pathlib.Path(workdir) / "metrics.jsonl"
+    if not metrics.exists():
+      print(f"error: {metrics} does not exist (is {workdir} a training workdir?)", file=sys.stderr)
+      return 2
+  for path in [plot_compare(workdirs, argv[1])] if compare else plot_run(argv[0]):
     print(path)
   return 0
 
