@@ -156,8 +156,8 @@ class AttentionBlock(nnx.Module):
     """One position: x [B, 1, D] at `position` (int scalar) -> ([B, 1, D], new state)."""
     state = dict(state)
     if self.has_self:
-      def self_branch(v):
-        h = add_timing(v, position)
+      def self_branch(u):
+        h = add_timing(u, position)
         k, v = self.self_attn.project_kv(h)  # [B, 1, H, d]
         for name, new in (("self_k", k), ("self_v", v)):
           state[name] = jax.lax.dynamic_update_slice_in_dim(state[name], new, position, axis=1)
