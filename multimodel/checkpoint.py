@@ -32,6 +32,22 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def with_defaults(saved: dict) -> dict:
+  """A saved config (JSON) with every key added to the project since at its default.
+
+  A key's default is the behaviour runs had before the key existed (e.g. `model.norm = "post"`),
+  so an old run resumes, loads and compares as the run it was.
+  """
+  from multimodel.configs import common  # pylint: disable=import-outside-toplevel
+
+  def merge(default, value):
+    if isinstance(default, dict) and isinstance(value, dict):
+      return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
+    return value
+
+  return merge(config_to_json(common.make()), saved)
+
+
 def meta_for(config, task_names, tokenizer_bytes: bytes | None) -> dict:
   return {
       "config": config_to_json(config),
@@ -63,28 +79,23 @@ def check_compatible(saved_meta: dict, config, task_names, workdir) -> None:
   iterators' state).
   """
   new = config_to_json(config)
-  saved_model = {"norm": "post", **saved_meta["config"]["model"]}  # Runs from before the key.
-  problems = _diff(saved_model, new["model"], "model")
+  saved = with_defaults(saved_meta["config"])
+  problems = _diff(saved["model"], new["model"], "model")
   if sorted(saved_meta["tasks"]) != sorted(task_names):
     problems.append(f"tasks: saved {sorted(saved_meta['tasks'])}, new {sorted(task_names)}")
-  saved_train = saved_meta["config"].get("train", {})
-  saved_data = saved_meta["config"].get("data", {})
-  if saved_train.get("freeze", "") != new["train"]["freeze"]:
-    problems.append(f"train.freeze: saved {saved_train.get('freeze', '')!r}, "
+  saved_train, saved_data = saved["train"], saved["data"]
+  if saved_train["freeze"] != new["train"]["freeze"]:
+    problems.append(f"train.freeze: saved {saved_train['freeze']!r}, "
                     f"new {new['train']['freeze']!r}")
-  if (saved_train.get("l2sp", 0.0) > 0) != (new["train"]["l2sp"] > 0):
-    problems.append(f"train.l2sp: saved {saved_train.get('l2sp', 0.0)}, new {new['train']['l2sp']}"
+  if (saved_train["l2sp"] > 0) != (new["train"]["l2sp"] > 0):
+    problems.append(f"train.l2sp: saved {saved_train['l2sp']}, new {new['train']['l2sp']}"
                     " (on and off keep different states)")
-  saved_weighting = saved_train.get("loss_weighting", "mixture")  # Runs from before the key.
-  if saved_weighting != new["train"]["loss_weighting"]:
-    problems.append(f"train.loss_weighting: saved {saved_weighting!r}, "
-                    f"new {new['train']['loss_weighting']!r} (they keep different states)")
-  saved_schedule = saved_train.get("lr_schedule", "global")  # Runs from before the key.
-  if saved_schedule != new["train"]["lr_schedule"]:
-    problems.append(f"train.lr_schedule: saved {saved_schedule!r}, "
-                    f"new {new['train']['lr_schedule']!r} (they keep different states)")
-  if saved_data.get("train_examples", 0) != new["data"]["train_examples"]:
-    problems.append(f"data.train_examples: saved {saved_data.get('train_examples', 0)}, "
+  for key in ("loss_weighting", "lr_schedule"):
+    if saved_train[key] != new["train"][key]:
+      problems.append(f"train.{key}: saved {saved_train[key]!r}, new {new['train'][key]!r} "
+                      "(they keep different states)")
+  if saved_data["train_examples"] != new["data"]["train_examples"]:
+    problems.append(f"data.train_examples: saved {saved_data['train_examples']}, "
                     f"new {new['data']['train_examples']}")
   if problems:
     raise WorkdirError(
@@ -238,8 +249,9 @@ def _tuples(value: Any) -> Any:
 
 
 def config_from_json(config: dict) -> ml_collections.ConfigDict:
-  """The locked config of a checkpoint's meta (inverse of `config_to_json`)."""
-  out = ml_collections.ConfigDict(_tuples(config))
+  """The locked config of a checkpoint's meta (inverse of `config_to_json`), keys added since at
+  their defaults."""
+  out = ml_collections.ConfigDict(_tuples(with_defaults(config)))
   out.lock()
   return out
 

@@ -37,11 +37,10 @@ NORMS = ("post", "pre")
 
 
 def pre_norm(cfg) -> bool:
-  """True for `model.norm = "pre"`; configs saved before the key are "post" (the paper's)."""
-  norm = cfg.get("norm", "post")
-  if norm not in NORMS:
-    raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
-  return norm == "pre"
+  """True for `model.norm = "pre"`."""
+  if cfg.norm not in NORMS:
+    raise ValueError(f"model.norm must be one of {NORMS}, got {cfg.norm!r}")
+  return cfg.norm == "pre"
 
 
 def final_norm(cfg, param_dtype, rngs):

@@ -159,6 +159,7 @@ def test_a_run_saved_before_model_norm_existed_resumes_as_post_norm(tmp_path):
   saved = checkpoint.config_to_json(config)
   del saved["model"]["norm"]
   meta = {"config": saved, "tasks": ["image_mnist5k"]}
+  assert checkpoint.config_from_json(saved).model.norm == "post"  # inference loads it as such
   checkpoint.check_compatible(meta, config, ["image_mnist5k"], tmp_path)
   with config.unlocked():
     config.model.norm = "pre"
