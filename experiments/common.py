@@ -94,14 +94,12 @@ def same_settings(config, workdir: pathlib.Path) -> None:
   saved_path = workdir / "config.json"
   if not saved_path.exists():
     return
-  from multimodel.configs import common as defaults  # pylint: disable=import-outside-toplevel
+  from multimodel import checkpoint  # pylint: disable=import-outside-toplevel
 
-  saved = flat(json.loads(saved_path.read_text()))
-  new = flat(json.loads(config.to_json_best_effort()))
   # A key added to the project after the run was saved counts as its default (the behaviour the
-  # run had); a saved value is compared as JSON stores it (tuples become lists).
-  default = flat(json.loads(defaults.make().to_json_best_effort()))
-  saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
+  # run had, the rule resuming follows); values are compared as JSON stores them.
+  saved = flat(checkpoint.with_defaults(json.loads(saved_path.read_text())))
+  new = flat(json.loads(config.to_json_best_effort()))
   differences = [f"{k}: saved {saved.get(k)!r}, now {new.get(k)!r}"
                  for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
   if differences:

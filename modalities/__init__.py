@@ -3,7 +3,8 @@
 An input modality maps a task's raw batch `inputs` into the body's width:
   `encode(inputs, input_mask, *, train, rngs) -> (x [B, S, D], mask bool [B, S] or None)`.
 A target modality embeds targets for the decoder and turns the body's output into predictions:
-  `autoregressive: bool` (False: the decoder is skipped and `logits` reads the pooled encoder);
+  `autoregressive: bool` (False: one prediction per example, from the pooled encoder or the
+  decoder's output at the command token, as `model.label_head` says);
   `embed_targets(targets [B, T]) -> [B, T, D]` (autoregressive only);
   `logits(h, num_classes, label_offset) -> [B, T, V]` or `[B, num_classes]`;
   `loss(logits, targets, weights, label_smoothing) -> dict of sums` (`loss`, `nll`, `correct`,

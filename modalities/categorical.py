@@ -13,8 +13,9 @@ Array = jax.Array
 class Label(nnx.Module):
   """One label space of `num_labels` slots shared by every classification task.
 
-  As a target: the masked mean of the encoder output plus the command embedding goes through a
-  dense layer to logits; a task with `num_classes` classes reads its own slots
+  As a target: one vector per example (`model.label_head`: the masked mean of the encoder output
+  plus the command embedding, or the decoder's output at the command token) goes through a dense
+  layer to logits; a task with `num_classes` classes reads its own slots
   `[label_offset, label_offset + num_classes)` of them.
   As an input: labels embed like tokens.
   """
@@ -42,7 +43,7 @@ class Label(nnx.Module):
     return emb.astype(self.dtype), input_mask
 
   def logits(self, pooled: Array, num_classes: int, label_offset: int = 0) -> Array:
-    """pooled [B, D] (encoder mean + command) -> float32 [B, num_classes] (the task's slots)."""
+    """pooled [B, D] (see the class) -> float32 [B, num_classes] (the task's slots)."""
     if label_offset + num_classes > self.num_labels:
       raise ValueError(f"label slots [{label_offset}, {label_offset + num_classes}) exceed the "
                        f"model's label space of model.num_labels={self.num_labels}")

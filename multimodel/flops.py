@@ -147,11 +147,12 @@ def forward_flops(cfg, task: TaskSpec, inputs_shape: tuple[int, ...],
   parts["encoder"] = cfg.encoder_blocks * _conv_block(cfg, enc_tokens)
   parts["encoder_moe"] = sum(_experts_block(cfg, enc_tokens, train=train,
                                             experts=experts).values())
-  if task.target_modality == "label":
+  label = task.target_modality == "label"
+  if label and cfg.label_head == "pool":
     parts["output"] = _dense(b, cfg.d_model, cfg.num_labels)
     return parts
 
-  t = targets_shape[1]
+  t = 1 if label else targets_shape[1]  # label_head "decoder": the command token alone.
   dec_tokens = b * t
   parts["mixer"] = (_attention_block(cfg, b, t, source)
                     + cfg.mixer_blocks * _conv_block(cfg, dec_tokens))
@@ -159,7 +160,7 @@ def forward_flops(cfg, task: TaskSpec, inputs_shape: tuple[int, ...],
                                            + _attention_block(cfg, b, t, source))
   parts["decoder_moe"] = sum(_experts_block(cfg, dec_tokens, train=train,
                                             experts=experts).values())
-  parts["output"] = _dense(dec_tokens, cfg.d_model, cfg.vocab_size)
+  parts["output"] = _dense(dec_tokens, cfg.d_model, cfg.num_labels if label else cfg.vocab_size)
   return parts
 
 

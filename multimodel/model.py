@@ -6,8 +6,10 @@
 
 Shapes: B batch, S source length, T target length, D width, V vocabulary.
 The body never branches on modality or task: a task reaches it only through its command token and
-the modality nets it names. A target modality that is not autoregressive (class labels) skips the
-decoder and reads the pooled encoder output plus the command embedding.
+the modality nets it names. A target modality that is not autoregressive (class labels) reads,
+as `model.label_head` says, the mean of the encoder output plus the command embedding ("pool",
+the decoder skipped), or the decoder's output at the command token, the only position of a target
+of length 1 ("decoder": the mixer's and decoder's attention pick what of the input to read).
 """
 
 import dataclasses
@@ -41,6 +43,16 @@ def pre_norm(cfg) -> bool:
   if cfg.norm not in NORMS:
     raise ValueError(f"model.norm must be one of {NORMS}, got {cfg.norm!r}")
   return cfg.norm == "pre"
+
+
+LABEL_HEADS = ("pool", "decoder")
+
+
+def label_head(cfg) -> str:
+  """`model.label_head`, checked."""
+  if cfg.label_head not in LABEL_HEADS:
+    raise ValueError(f"model.label_head must be one of {LABEL_HEADS}, got {cfg.label_head!r}")
+  return cfg.label_head
 
 
 def final_norm(cfg, param_dtype, rngs):
@@ -202,6 +214,7 @@ class MultiModel(nnx.Module):
     dtype, param_dtype = compute_dtype(cfg.dtype), jnp.float32
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.d_model, self.dtype, self.label_smoothing = cfg.d_model, dtype, cfg.label_smoothing
+    self.label_head = label_head(cfg)
     self.modalities = nnx.Dict({name: modalities.build(name, cfg, **kw) for name in modality_names})
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, sharding.EMBED))
     self.commands = nnx.Param(init(rngs.params(), (cfg.num_commands, cfg.d_model), param_dtype))
@@ -240,18 +253,27 @@ class MultiModel(nnx.Module):
 
     Returns:
       logits: [B, T, V] for sequence targets, [B, num_classes] for label targets (float32).
-      aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets).
+      aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets read by
+        `label_head="pool"`).
     """
     enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
     target = self._modality(task.target_modality)
-    if not target.autoregressive:
+    if not target.autoregressive and self.label_head == "pool":
       pooled = conv.masked_mean(enc, enc_mask) + self.command(task)  # [B, D]
       return (target.logits(pooled, task.num_classes, task.label_offset),
               {"encoder": enc_aux})
-    y = self.dropout(self._decoder_inputs(task, targets), deterministic=not train, rngs=rngs)
+    if target.autoregressive:
+      y, target_mask = self._decoder_inputs(task, targets), targets != 0  # [B, T, D], [B, T]
+    else:  # label_head "decoder": a target of length 1, the command token.
+      y = jnp.broadcast_to(self.command(task), (enc.shape[0], 1, self.d_model))
+      target_mask = jnp.ones(y.shape[:2], bool)
+    y = self.dropout(y, deterministic=not train, rngs=rngs)
     y = self.mixer(y, enc, enc_mask, train=train, rngs=rngs)
-    h, dec_aux = self.decoder(y, enc, enc_mask, targets != 0, train=train, rngs=rngs)
-    return target.logits(h), {"encoder": enc_aux, "decoder": dec_aux}
+    h, dec_aux = self.decoder(y, enc, enc_mask, target_mask, train=train, rngs=rngs)
+    aux = {"encoder": enc_aux, "decoder": dec_aux}
+    if target.autoregressive:
+      return target.logits(h), aux
+    return target.logits(h[:, 0], task.num_classes, task.label_offset), aux
 
   # Incremental decoding: state = per-layer caches; one call per output position.
 

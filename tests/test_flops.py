@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from multimodel import flops, moe, optim, trainer
-from multimodel.configs import tiny
+from multimodel.configs import common, tiny
 from multimodel.model import MultiModel, TaskSpec
 
 CONFIG = tiny.get_config()
@@ -21,22 +21,20 @@ CASES = {  # name: (task, inputs shape and dtype, targets shape)
 }
 
 
-@pytest.fixture(scope="module")
-def abstract_state():
-  """Shapes of the trainer's state for the tiny config (nothing is initialised)."""
-  model = nnx.eval_shape(lambda: MultiModel(CONFIG.model, rngs=nnx.Rngs(0)))
+def abstract_state(config):
+  """Shapes of the trainer's state for a config (nothing is initialised)."""
+  model = nnx.eval_shape(lambda: MultiModel(config.model, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = optim.make(CONFIG.train, CONFIG.model.d_model)
+  tx = optim.make(config.train, config.model.d_model)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": scalar,
            "skipped": scalar, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return graphdef, tx, state
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_train_step_flops_match_xla(abstract_state, case):
-  """XLA counts the formula's matmul and convolution FLOPs plus a few % of elementwise work."""
-  graphdef, tx, state = abstract_state
+def xla_over_formula(config, case: str) -> float:
+  """XLA's FLOP count of the lowered train step over the formula's (no compilation: fast)."""
+  graphdef, tx, state = abstract_state(config)
   task, (inputs_shape, dtype), targets_shape = CASES[case]
   batch = {"inputs": jax.ShapeDtypeStruct(inputs_shape, dtype),
            "targets": jax.ShapeDtypeStruct(targets_shape, jnp.int32)}
@@ -44,11 +42,25 @@ def test_train_step_flops_match_xla(abstract_state, case):
     batch["input_mask"] = jax.ShapeDtypeStruct(inputs_shape[:2], jnp.bool_)
   step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx,
                                    tasks=(("task", task),)))
-  # The lowered program's count (no compilation: fast); benchmarks/mfu.py checks the compiled one.
+  # benchmarks/mfu.py checks the compiled program's count.
   xla = step.lower(state, {"task": batch}, jax.random.key(0),
                    jnp.ones((1,), jnp.float32)).cost_analysis()["flops"]
-  formula = flops.train_step_flops(CONFIG.model, task, inputs_shape, targets_shape)
-  assert 1.0 <= xla / formula <= 1.1, (case, xla, formula)
+  return xla / flops.train_step_flops(config.model, task, inputs_shape, targets_shape)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_train_step_flops_match_xla(case):
+  """XLA counts the formula's matmul and convolution FLOPs plus a few % of elementwise work."""
+  assert 1.0 <= xla_over_formula(CONFIG, case) <= 1.1
+
+
+def test_flops_of_a_label_read_by_the_decoder_match_xla():
+  config = common.make(model=dict(CONFIG.model.to_dict(), label_head="decoder"),
+                       train=CONFIG.train.to_dict(), data=CONFIG.data.to_dict())
+  assert 1.0 <= xla_over_formula(config, "image_to_label") <= 1.1
+  parts = flops.forward_flops(config.model, CASES["image_to_label"][0], (8, 28, 28, 3), (8,))
+  assert parts["output"] == 2 * 8 * config.model.d_model * config.model.num_labels
+  assert parts["decoder"] > 0 and parts["mixer"] > 0
 
 
 def test_active_experts_exclude_only_the_capacity_padding():

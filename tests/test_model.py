@@ -85,6 +85,36 @@ def test_label_tasks_read_their_own_slots(model):
     model(TaskSpec("image", "label", 0, num_classes=3, label_offset=num_labels - 2), inputs, targets)
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_decoder_label_head_reads_the_input_through_attention(norm):
+  """`label_head="decoder"`: the same parameters as "pool"; the label comes from the decoder at the
+  command token, ignores source padding, depends on the command and trains the decoder."""
+  pool = MultiModel(small_config(norm=norm), rngs=nnx.Rngs(0))
+  m = randomize_gates(MultiModel(small_config(norm=norm, label_head="decoder"), rngs=nnx.Rngs(0)))
+  shapes = lambda model: jax.tree.map(jnp.shape, nnx.state(model, nnx.Param))
+  assert shapes(m) == shapes(pool)
+  rng = np.random.default_rng(3)
+  head = m.modalities["label"].head.kernel  # Zero-initialised: make the logits differ.
+  head[...] = jnp.asarray(rng.normal(size=head[...].shape), jnp.float32)
+  task = TaskSpec("text", "label", command_id=1, num_classes=5)
+  src = np.array(ids(rng, (B, S)))
+  src[1, 6:] = 0
+  targets = jnp.array([1, 4])
+  logits, aux = m(task, jnp.asarray(src), targets)
+  assert logits.shape == (B, 5) and set(aux) == {"encoder", "decoder"}
+  padded, _ = m(task, jnp.asarray(np.pad(src, ((0, 0), (0, 5)))), targets)
+  np.testing.assert_allclose(np.asarray(padded), np.asarray(logits), atol=2e-5)
+  other, _ = m(TaskSpec("text", "label", command_id=2, num_classes=5), jnp.asarray(src), targets)
+  assert not np.allclose(np.asarray(other), np.asarray(logits))
+  graphdef, state = nnx.split(m)
+  grads = jax.grad(lambda st: objective.loss_fn(nnx.merge(graphdef, st), task, dict(
+      inputs=jnp.asarray(src), targets=targets), train=False)[0])(state)
+  decoder_grads = jax.tree.leaves(grads["decoder"])
+  assert decoder_grads and sum(float(jnp.abs(g).sum()) for g in decoder_grads) > 0
+  with pytest.raises(ValueError, match="label_head"):
+    MultiModel(small_config(label_head="mean"), rngs=nnx.Rngs(0))
+
+
 def test_image_positions_follow_size(model):
   """28x28 -> stride-2 conv -> one stride-2 block -> 7x7 positions; any size works."""
   for size, positions in [(28, 49), (32, 64), (64, 256)]:

@@ -34,6 +34,10 @@ MODEL = dict(
     # tensor2tensor's, norm(x + f(x))) or "pre" (x + f(norm(x)), with a final norm after the
     # encoder and the decoder; Xiong et al. 2020). The conv steps end in their own norm in both.
     norm="post",
+    # What a class-label target reads: "pool" (the mean of the encoder output plus the command
+    # embedding, the decoder skipped; the paper's) or "decoder" (the decoder's output at the
+    # command token, a target of length 1: attention picks what of the input to read).
+    label_head="pool",
     dtype="float32",  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
     image=dict(
         channels=3,  # Input channels the stem expects (grayscale images are tiled to RGB).
