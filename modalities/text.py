@@ -49,8 +49,9 @@ class Text(nnx.Module):
     init = nnx.with_partitioning(nnx.initializers.normal(d_model ** -0.5),
                                  (sharding.VOCAB, sharding.EMBED))
     self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype))  # [V, D]
-    self.output = None
-    if not tie_embeddings:
+    if tie_embeddings:
+      self.output = None
+    else:  # Assigned once: nnx keeps an attribute first set to None static.
       out_init = nnx.with_partitioning(nnx.initializers.normal(d_model ** -0.5),
                                        (sharding.EMBED, sharding.VOCAB))
       self.output = nnx.Param(out_init(rngs.params(), (d_model, vocab_size), param_dtype))

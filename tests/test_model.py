@@ -236,7 +236,8 @@ def test_cached_decoding_equals_full_forward(model, input_modality):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_moe=False), dict(use_attention=False),
                                        dict(dtype="bfloat16"), dict(norm="pre"),
-                                       dict(norm="pre", use_attention=False)])
+                                       dict(norm="pre", use_attention=False),
+                                       dict(tie_embeddings=False)])
 def test_gradients_finite_and_ablations(overrides):
   m = MultiModel(small_config(**overrides), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(5)
