@@ -40,12 +40,43 @@ def _mask_pad(logits: Array) -> Array:
   return logits.at[..., PAD_ID].set(NEG_INF)
 
 
-def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int) -> Array:
+def ban_repeated_ngrams(scores: Array, tokens: Array, t: Array | int, n: int) -> Array:
+  """Forbids every token that would repeat an n-gram of the output so far (`no_repeat_ngram`).
+
+  The rule of fairseq's `--no-repeat-ngram-size` and Hugging Face's `no_repeat_ngram_size`: where
+  the last n - 1 tokens already occurred followed by token w, w gets score -inf (n = 1 forbids
+  every token already emitted). For outputs that loop ("of the king of the king ..."); not for
+  outputs whose grammar repeats n-grams (bracketed trees).
+
+  Args:
+    scores: logits or log-probabilities [B, V] of position t.
+    tokens: int [B, T], the output so far in positions < t (later positions are ignored).
+    t: the position being decoded.
+    n: the n-gram size; 0 changes nothing.
+  Returns:
+    scores [B, V] with the forbidden tokens at -inf.
+  """
+  batch, length = tokens.shape
+  if n <= 0 or n > length:
+    return scores
+  starts = jnp.arange(length - n + 1)  # n-grams tokens[i : i + n]
+  prefix = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(t - n + 1, 0), n - 1, axis=1)
+  windows = tokens[:, starts[:, None] + jnp.arange(n - 1)]  # [B, T - n + 1, n - 1]
+  match = (jnp.all(windows == prefix[:, None, :], axis=-1)
+           & (starts + n - 1 < t) & (t >= n - 1))  # [B, T - n + 1]: an earlier n-gram's prefix
+  following = tokens[:, starts + n - 1]  # [B, T - n + 1]
+  banned = jnp.zeros(scores.shape, bool).at[jnp.arange(batch)[:, None], following].max(match)
+  return jnp.where(banned, NEG_INF, scores)
+
+
+def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int,
+                 no_repeat_ngram: int = 0) -> Array:
   """The argmax loop of both greedy decoders.
 
   Args:
     step: (state, tokens [B, T] so far, prev_token [B], position) -> (logits [B, V], state).
     state: its initial state.
+    no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
   Returns:
     tokens int32 [B, T].
   """
@@ -57,7 +88,8 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
   def body(carry):
     t, tokens, prev, finished, state = carry
     logits, state = step(state, tokens, prev, t)  # [B, V]
-    token = jnp.argmax(_mask_pad(logits), axis=-1).astype(jnp.int32)  # [B]
+    logits = ban_repeated_ngrams(_mask_pad(logits), tokens, t, no_repeat_ngram)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     token = jnp.where(finished, PAD_ID, token)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)  # [B, T]
     return t + 1, tokens, token, finished | (token == eos_id), state
@@ -68,7 +100,7 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
 
 
 def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_length: int,
-           eos_id: int = EOS_ID) -> Array:
+           eos_id: int = EOS_ID, no_repeat_ngram: int = 0) -> Array:
   """Greedy decoding with the incremental cache.
 
   Args:
@@ -78,6 +110,7 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     input_mask: bool [B, S] or None (as the model's `encode` takes it).
     max_length: T, the most positions decoded (static).
     eos_id: end-of-sequence id; a value no token takes (e.g. -1) decodes all T positions.
+    no_repeat_ngram: forbid repeating an n-gram of this size (`ban_repeated_ngrams`; 0: off).
   Returns:
     tokens int32 [B, T]: argmax ids up to and including EOS, 0 after it.
   """
@@ -88,11 +121,11 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     del tokens  # The cache holds what the step needs of them.
     return model.decode_step(task, state, prev, t)
 
-  return _greedy_loop(step, state, enc.shape[0], max_length, eos_id)
+  return _greedy_loop(step, state, enc.shape[0], max_length, eos_id, no_repeat_ngram)
 
 
 def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = None, *,
-                      max_length: int, eos_id: int = EOS_ID) -> Array:
+                      max_length: int, eos_id: int = EOS_ID, no_repeat_ngram: int = 0) -> Array:
   """Greedy decoding without a cache: the slow reference for `greedy`.
 
   Position t runs the whole teacher-forced forward pass (encoder included) on the targets decoded
@@ -109,7 +142,7 @@ def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = Non
     logits, _ = model(task, inputs, targets, input_mask)  # [B, T, V]
     return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), state  # [B, V]
 
-  return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id)
+  return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id, no_repeat_ngram)
 
 
 def gnmt_length_penalty(length: Array | int, alpha: float) -> Array:
@@ -138,7 +171,7 @@ def _top_k_beams(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
 
 def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, beam_size: int,
                 max_length: int, length_penalty: float = 0.6, eos_id: int = EOS_ID,
-                return_all: bool = False) -> tuple[Array, Array]:
+                no_repeat_ngram: int = 0, return_all: bool = False) -> tuple[Array, Array]:
   """Beam search with the incremental cache.
 
   Each step extends the N alive beams by every token and ranks the candidates by log-probability.
@@ -158,6 +191,8 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     model, task, inputs, input_mask, max_length, eos_id: as for `greedy`.
     beam_size: N (static).
     length_penalty: alpha of `gnmt_length_penalty` (0 ranks by plain log-probability).
+    no_repeat_ngram: a beam may not repeat an n-gram of this size (its log-probability of such a
+      token is -inf, not renormalised: `ban_repeated_ngrams`; 0: off).
     return_all: return all N hypotheses, best first, instead of the best one.
   Returns:
     tokens int32 [B, T] (or [B, N, T] with `return_all`), 0 after EOS, and their scores float32
@@ -184,6 +219,8 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     logits, new_state = model.decode_step(task, state, prev.reshape(-1), t)  # [B * N, V]
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(_mask_pad(logits.astype(jnp.float32)))  # [B * N, V]
+    log_probs = ban_repeated_ngrams(log_probs, alive_seqs.reshape(batch * n, -1), t,
+                                    no_repeat_ngram)
     candidates = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
 
     # Top 2N candidates: token and parent beam of each.
@@ -236,8 +273,8 @@ METHODS = ("greedy", "beam", "full_rerun")
 
 
 def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
-                 beam_size: int = 4, length_penalty: float = 0.6,
-                 eos_id: int = EOS_ID) -> Callable[..., Array]:
+                 beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = EOS_ID,
+                 no_repeat_ngram: int = 0) -> Callable[..., Array]:
   """A jitted pure decoder `fn(state, inputs, input_mask=None) -> tokens int32 [B, T]`.
 
   Args:
@@ -247,6 +284,7 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     method: "greedy", "beam" (the best of `beam_size` beams) or "full_rerun" (the reference).
     beam_size, length_penalty: of "beam".
     eos_id: end-of-sequence id.
+    no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
@@ -256,8 +294,10 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     model = nnx.merge(graphdef, state)
     if method == "beam":
       return beam_search(model, task, inputs, input_mask, beam_size=beam_size,
-                         max_length=max_length, length_penalty=length_penalty, eos_id=eos_id)[0]
+                         max_length=max_length, length_penalty=length_penalty, eos_id=eos_id,
+                         no_repeat_ngram=no_repeat_ngram)[0]
     fn = greedy if method == "greedy" else full_rerun_greedy
-    return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id)
+    return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
+              no_repeat_ngram=no_repeat_ngram)
 
   return decode

@@ -2,7 +2,7 @@
 
     python -m multimodel.evaluate --workdir runs/default --task translate_en_fr \
         [--split test] [--step 2000] [--decode greedy|beam|none] [--beam_size 4] \
-        [--max_examples 100] [--data_dir DIR]
+        [--no_repeat_ngram 3] [--max_examples 100] [--data_dir DIR]
 
 Reads checkpoint `--step` (default: the latest) of the run: its parameters only (no optimizer
 state), the config and the tokenizer stored with it. Rebuilds the model from that config and runs
@@ -83,7 +83,8 @@ def run_task(run: checkpoint.Run, name: str):
 
 def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test",
              step: int | None = None, decode: str = "greedy", beam_size: int = 4,
-             max_examples: int = 0, data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
+             no_repeat_ngram: int = 0, max_examples: int = 0,
+             data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
   """Evaluates `task_name` on `split` with checkpoint `step` of the run in `workdir`.
 
   Returns:
@@ -102,9 +103,10 @@ def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test"
   graphdef, params = model_from_run(run)
   results = evaluation.evaluate_task(
       graphdef, params, task, tokenizer, InputConfig.from_config(run.config), split=split,
-      max_examples=max_examples, decode=decode, beam_size=beam_size)
+      max_examples=max_examples, decode=decode, beam_size=beam_size,
+      no_repeat_ngram=no_repeat_ngram)
   report = {"task": task.name, "split": split, "step": run.step, "decode": decode,
-            "max_examples": max_examples, **results}
+            "no_repeat_ngram": no_repeat_ngram, "max_examples": max_examples, **results}
   out = run.workdir / "eval" / f"{task.name}-{split}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1) + "\n")
@@ -121,14 +123,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--decode", default="greedy", choices=("greedy", "beam", "none"),
                       help="Decoding of sequence targets ('none': teacher-forced metrics only).")
   parser.add_argument("--beam_size", type=int, default=4, help="Beams of --decode=beam.")
+  parser.add_argument("--no_repeat_ngram", type=int, default=0,
+                      help="Never repeat an n-gram of this size in an output (0: off).")
   parser.add_argument("--max_examples", type=int, default=0,
                       help="Evaluate the first N examples of the split (0: all).")
   parser.add_argument("--data_dir", default=None,
                       help="Prepared data (default: the run's data_dir, else $MULTIMODEL_DATA_DIR "
                            "or ~/.cache/multimodel).")
   args = parser.parse_args(argv)
-  if args.beam_size < 1 or args.max_examples < 0:
-    parser.error("--beam_size must be >= 1 and --max_examples >= 0")
+  if args.beam_size < 1 or args.max_examples < 0 or args.no_repeat_ngram < 0:
+    parser.error("--beam_size must be >= 1, --max_examples and --no_repeat_ngram >= 0")
   return args
 
 
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report, path = evaluate(args.workdir, args.task, split=args.split, step=args.step,
                             decode=args.decode, beam_size=args.beam_size,
+                            no_repeat_ngram=args.no_repeat_ngram,
                             max_examples=args.max_examples, data_dir=args.data_dir)
   except KeyError as e:
     print(f"error: {e.args[0]}", file=sys.stderr)

@@ -34,8 +34,11 @@ def _model_keys(batch: dict) -> dict:
 
 def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                   input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
-                  decode: str = "greedy", beam_size: int = 4) -> dict:
+                  decode: str = "greedy", beam_size: int = 4, no_repeat_ngram: int = 0) -> dict:
   """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
+
+  Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
+  repeating an n-gram of size `no_repeat_ngram` (0: no such rule; `decode.ban_repeated_ngrams`).
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
   for sequence targets (when decoding), class indices for label targets.
@@ -58,7 +61,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   if decode != "none" and task.target_modality == "text":
     from multimodel import decode as decode_lib  # Decoding is only needed for sequence targets.
     decoder = decode_lib.make_decoder(graphdef, spec, method=decode, beam_size=beam_size,
-                                      max_length=task.max_target_length)
+                                      max_length=task.max_target_length,
+                                      no_repeat_ngram=no_repeat_ngram)
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):
@@ -98,12 +102,13 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
 
 
 def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, split="test",
-                   max_examples=0, decode="greedy", workdir=None) -> dict:
+                   max_examples=0, decode="greedy", no_repeat_ngram=0, workdir=None) -> dict:
   """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task."""
   results = {}
   for task in task_list:
     results[task.name] = evaluate_task(graphdef, params, task, tokenizer, input_config,
-                                       split=split, max_examples=max_examples, decode=decode)
+                                       split=split, max_examples=max_examples, decode=decode,
+                                       no_repeat_ngram=no_repeat_ngram)
     if workdir is not None:
       out = pathlib.Path(workdir) / "eval" / f"{task.name}-{split}.json"
       out.parent.mkdir(parents=True, exist_ok=True)

@@ -458,7 +458,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
     results = evaluation.evaluate_tasks(
         graphdef, params, list(mixture.tasks.values()), tokenizer, InputConfig.from_config(config),
         split=train_cfg.eval_split, max_examples=train_cfg.eval_max_examples,
-        decode=train_cfg.eval_decode, workdir=workdir if is_main else None)
+        decode=train_cfg.eval_decode, no_repeat_ngram=train_cfg.eval_no_repeat_ngram,
+        workdir=workdir if is_main else None)
     if is_main:
       print(evaluation.format_table(results), flush=True)
   if is_main and train_cfg.plot:

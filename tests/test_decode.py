@@ -239,3 +239,46 @@ def test_decoding_stops_at_eos_and_pads():
   tokens = jax.jit(lambda x: decode.greedy(fake, None, x, max_length=length, eos_id=-1))(
       jnp.arange(2))
   assert fake.steps == length and np.all(np.asarray(tokens) != 0)
+
+
+def has_repeated_ngram(seq, n: int) -> bool:
+  """Whether the tokens before the first pad repeat an n-gram."""
+  seq = list(seq)
+  seq = seq[:seq.index(0)] if 0 in seq else seq
+  grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+  return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ban_repeated_ngrams_matches_the_definition(n):
+  """Token w is banned at t exactly when tokens[t-n+1:t] + [w] occurs in tokens[:t]."""
+  rng = np.random.default_rng(n)
+  tokens = rng.integers(1, 4, (5, T))  # Few distinct ids: many repeats.
+  scores = jnp.zeros((5, 6))
+  for t in range(T + 1):
+    banned = np.isneginf(np.asarray(decode.ban_repeated_ngrams(scores, jnp.asarray(tokens),
+                                                                jnp.int32(t), n)))
+    for b in range(5):
+      seen = {tuple(tokens[b, i:i + n]) for i in range(t - n + 1)}
+      prefix = tuple(tokens[b, t - n + 1:t]) if t >= n - 1 else None
+      want = [prefix is not None and prefix + (w,) in seen for w in range(6)]
+      assert banned[b].tolist() == want, (t, b)
+  np.testing.assert_array_equal(decode.ban_repeated_ngrams(scores, jnp.asarray(tokens), 5, 0),
+                                scores)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_decoders_never_repeat_a_banned_ngram(decoders, model, n):
+  """Greedy (cached and full re-run) and every beam decode all T positions without repeating."""
+  inputs, mask = raw_inputs("text", np.random.default_rng(4))
+  plain = np.asarray(decoders("text", "greedy", eos_id=-1)(inputs, mask))
+  cached = np.asarray(decoders("text", "greedy", eos_id=-1, no_repeat_ngram=n)(inputs, mask))
+  rerun = np.asarray(decoders("text", "full_rerun", eos_id=-1, no_repeat_ngram=n)(inputs, mask))
+  np.testing.assert_array_equal(cached, rerun)
+  assert (cached != 0).all() and not any(has_repeated_ngram(s, n) for s in cached)
+  if any(has_repeated_ngram(s, n) for s in plain):  # The ban changed something it had to.
+    assert not np.array_equal(plain, cached)
+  beams, _ = nnx.jit(functools.partial(
+      decode.beam_search, task=TEXT_TASK, beam_size=3, max_length=T, eos_id=-1,
+      no_repeat_ngram=n, return_all=True))(model, inputs=inputs)
+  assert not any(has_repeated_ngram(s, n) for s in np.asarray(beams).reshape(-1, T))

@@ -59,6 +59,25 @@ def test_classifier_report_holds_accuracy_and_predicted_classes(workdir, capsys)
   assert report["accuracy"] == pytest.approx(correct / 5)
 
 
+def test_no_repeat_ngram_reaches_the_decoder(workdir, capsys, monkeypatch):
+  """--no_repeat_ngram goes to the decoder (whose ban tests/test_decode.py checks) and the report."""
+  from multimodel import decode  # pylint: disable=import-outside-toplevel
+  seen, make_decoder = [], decode.make_decoder
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs.get("no_repeat_ngram"))
+    return make_decoder(*args, **kwargs)
+
+  monkeypatch.setattr(decode, "make_decoder", recording)
+  args = ["--workdir", str(workdir), "--task", "translate_en_fr", "--max_examples", "2"]
+  assert evaluate.main(args + ["--no_repeat_ngram", "3"]) == 0
+  report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
+  assert seen == [3] and report["no_repeat_ngram"] == 3 and report["examples"] == 2
+  with pytest.raises(SystemExit):
+    evaluate.parse_args(args + ["--no_repeat_ngram", "-1"])
+  assert "--no_repeat_ngram >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "no_such_task"], "unknown task; the run in {w} was not trained on 'no_such_task'; "
                                  "its tasks: image_mnist5k, translate_en_fr"),

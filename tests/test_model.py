@@ -292,7 +292,7 @@ def count_params(cfg) -> int:
   encoder = cfg.encoder_blocks * conv_block + experts_block
   mixer = attention_block + cfg.mixer_blocks * conv_block
   decoder = cfg.decoder_blocks * (conv_block + attention_block) + experts_block
-  text = v * d
+  text = v * d if cfg.tie_embeddings else 2 * v * d  # + the untied output matrix
   label = cfg.num_labels * d + d * cfg.num_labels + cfg.num_labels
   f, c = cfg.image.stem_filters, cfg.image.channels
   image = 9 * c * f + f + 2 * f + 9 * f * 2 * f + 2 * f + 4 * f
@@ -314,7 +314,7 @@ def count_params(cfg) -> int:
 
 
 @pytest.mark.parametrize("config", [small_config(), small_config(norm="pre"),
-                                    paper.get_config().model])
+                                    small_config(tie_embeddings=False), paper.get_config().model])
 def test_parameter_count_matches_formula(config):
   abstract = nnx.eval_shape(lambda: MultiModel(config, rngs=nnx.Rngs(0)))
   actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

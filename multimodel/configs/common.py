@@ -82,6 +82,7 @@ TRAIN = dict(
     eval_split="test",  # Split of the final per-task evaluation.
     eval_max_examples=1000,  # Per task, in the final evaluation (0 = the whole split).
     eval_decode="greedy",  # Decoding of sequence tasks in the final evaluation ("none" skips it).
+    eval_no_repeat_ngram=0,  # > 0: the final evaluation's outputs never repeat an n-gram this long.
     mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
     mesh_expert=1,  # Devices along the expert axis.
     plot=True,  # Write PNG plots into the workdir at the end.
