@@ -288,6 +288,8 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
+  if no_repeat_ngram < 0:
+    raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
 
   @jax.jit
   def decode(state, inputs: Array, input_mask: Array | None = None) -> Array:

@@ -161,6 +161,8 @@ def test_beam_of_one_equals_greedy_on_the_network(decoders):
 def test_unknown_method_is_an_error(model):
   with pytest.raises(ValueError, match="greedy"):
     decode.make_decoder(nnx.graphdef(model), TEXT_TASK, max_length=T, method="sample")
+  with pytest.raises(ValueError, match="no_repeat_ngram must be >= 0"):
+    decode.make_decoder(nnx.graphdef(model), TEXT_TASK, max_length=T, no_repeat_ngram=-1)
 
 
 def test_beam_search_returns_all_beams_best_first(model):

@@ -379,3 +379,10 @@ def test_unknown_lr_schedule_fails(tmp_path):
   with pytest.raises(ValueError, match=r"train.lr_schedule='steps'; valid values: \('global'"):
     trainer.train_and_evaluate(two_task_config(steps=1, lr_schedule="steps"), tmp_path,
                                progress=False)
+
+
+def test_negative_eval_no_repeat_ngram_fails_before_training(tmp_path):
+  with pytest.raises(ValueError, match="train.eval_no_repeat_ngram must be >= 0"):
+    trainer.train_and_evaluate(two_task_config(steps=1, eval_no_repeat_ngram=-1), tmp_path,
+                               progress=False)
+  assert not (tmp_path / "checkpoints").exists()
