@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from multimodel import objective
+from multimodel import decode, objective, optim
 from multimodel.configs import common, paper
 from multimodel.model import MultiModel, TaskSpec
 
@@ -320,3 +321,52 @@ def test_parameter_count_matches_formula(config):
   actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   print(f"parameters (d_model={config.d_model}, experts={config.num_experts}): {actual:,}")
   assert actual == count_params(config)
+
+
+def _reversal_batch(rng, batch=32, length=8, vocab=40):
+  """Random token strings (ids 3..vocab-1, lengths 3..length) and their reversals + EOS."""
+  lengths = rng.integers(3, length + 1, batch)
+  src = np.zeros((batch, length), np.int32)
+  tgt = np.zeros((batch, length + 1), np.int32)
+  for i, n in enumerate(lengths):
+    src[i, :n] = rng.integers(3, vocab, n)
+    tgt[i, :n], tgt[i, n] = src[i, :n][::-1], 1
+  return jnp.asarray(src), jnp.asarray(tgt)
+
+
+def _train_reversal(use_attention: bool, steps: int = 150) -> float:
+  """Trains a small model on string reversal with the real optimizer; greedy token accuracy."""
+  cfg = small_config(d_model=64, hidden=128, dropout=0.0, norm="pre", use_attention=use_attention,
+                     tie_embeddings=False)
+  model = MultiModel(cfg, rngs=nnx.Rngs(0))
+  task = TaskSpec("text", "text", command_id=1)
+  train_cfg = common.make(train=dict(learning_rate=0.3, warmup_steps=100)).train
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.make(train_cfg, cfg.d_model)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, src, tgt, key):
+    def f(p):
+      return objective.loss_fn(nnx.merge(graphdef, p, rest), task, dict(inputs=src, targets=tgt),
+                               train=True, rngs=nnx.Rngs(dropout=key))[0]
+    grads = jax.grad(f)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = np.random.default_rng(0)
+  for i in range(steps):
+    params, opt_state = step(params, opt_state, *_reversal_batch(rng), jax.random.key(i))
+  src, tgt = _reversal_batch(np.random.default_rng(1), batch=64)
+  out = decode.greedy(nnx.merge(graphdef, params, rest), task, src, max_length=tgt.shape[1])
+  real = np.asarray(tgt) != 0
+  return float((np.asarray(out) == np.asarray(tgt))[real].mean())
+
+
+def test_the_network_learns_to_reverse_its_input_through_attention():
+  """Reversing a string needs the decoder to read the source position by position: the body
+  learns it in 150 steps (greedy-decoded token accuracy 1.0 here); without attention (the
+  ablation, which sees only the memory's mean) it cannot (0.25), so this fails if attention,
+  its masks or its timing signal stop working."""
+  assert _train_reversal(use_attention=True) > 0.9
+  assert _train_reversal(use_attention=False) < 0.5
