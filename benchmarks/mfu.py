@@ -118,10 +118,7 @@ def compiled_step(config, task: TaskSpec, batch: dict):
 
   def init_state():
     model = MultiModel(config.model, rngs=nnx.Rngs(config.train.seed))
-    params = nnx.state(model, nnx.Param)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "skipped": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(config.train.seed))}
+    return trainer.new_state(nnx.state(model, nnx.Param), tx, config.train.seed)
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: MultiModel(config.model, rngs=nnx.Rngs(0))))
   state = jax.jit(init_state)()

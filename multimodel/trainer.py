@@ -87,6 +87,13 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The update step.
 
+def new_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
+  """The state `train_step` takes, at step 0: params, optimizer state, step and skipped-step
+  counters, and the run's RNG key data (the trainer adds the state of its optional features)."""
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+
+
 def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | None, *,
                graphdef, tx: optax.GradientTransformation,
                tasks: tuple[tuple[str, TaskSpec], ...], frozen: tuple[bool, ...] | None = None,
@@ -336,9 +343,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   def init_state():
     model = MultiModel(config.model, rngs=nnx.Rngs(train_cfg.seed))
     params = nnx.state(model, nnx.Param)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "skipped": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(train_cfg.seed))}
+    state = new_state(params, tx, train_cfg.seed)
     if train_cfg.l2sp > 0:  # Filled by the warm start; kept in checkpoints for exact resume.
       state["l2sp"] = {"anchor": jax.tree.map(jnp.zeros_like, params),
                        "weight": jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)}

@@ -342,8 +342,7 @@ def _train_reversal(use_attention: bool, steps: int = 150) -> float:
   graphdef, params = nnx.split(MultiModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   task = TaskSpec("text", "text", command_id=1)
   tx = optim.make(common.make(train=dict(learning_rate=0.3, warmup_steps=100)).train, cfg.d_model)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "skipped": jnp.zeros((), jnp.int32)}
+  state = trainer.new_state(params, tx, seed=0)
   step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx,
                                    tasks=(("reverse", task),)))
   rng = np.random.default_rng(0)
