@@ -145,9 +145,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float], digits: int = 3) -> str:
-  """"mean ± sd" of `values`, "-" when there are none."""
+  """"mean ± sd" of `values`, the value alone when there is one, "-" when there are none."""
   mean, std = mean_std(values)
-  return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+  if math.isnan(mean):
+    return "-"
+  finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+  return f"{mean:.{digits}f}" if len(finite) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def better_sign(metric: str) -> float:

@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -189,26 +190,36 @@ def joint_vs_single_table(rows, plan, metrics: dict) -> str:
   return "\n".join(lines)
 
 
-def variants_table(rows, plan, metrics: dict, reported: list[str]) -> str:
-  """One row per run of the plan, one column per (reported task, metric); gains vs the first."""
-  columns = [(t, m) for t in reported for m in metrics[t]]
-  lines = ["| run | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
-           "|---|" + "---|" * len(columns)]
-  for name, _, _ in plan:
-    lines.append(f"| {name} | " + " | ".join(common.cell(values(rows, name, t, m))
-                                             for t, m in columns) + " |")
-  base = plan[0][0]
-  lines += ["", f"Gain over `{base}` (per seed, positive is better):", "",
-            "| run | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
-            "|---|" + "---|" * len(columns)]
-  for name, _, _ in plan[1:]:
-    lines.append(f"| {name} | " + " | ".join(common.cell(gain_values(rows, name, base, t, m))
-                                             for t, m in columns) + " |")
+def variants_table(rows, plan, metrics: dict, reported: list[str], labels: dict[str, str]) -> str:
+  """One row per (reported task, metric), one column per run of the plan (named by `labels`),
+  then the gains over the first run."""
+  names = [name for name, _, _ in plan]
+  labels = [labels[name] for name in names]
+  lines = ["| task | metric | " + " | ".join(labels) + " | "
+           + " | ".join(f"{label} - {labels[0]}" for label in labels[1:]) + " |",
+           "|---|---|" + "---|" * (2 * len(names) - 1)]
+  for t in reported:
+    for m in metrics[t]:
+      cells = [common.cell(values(rows, name, t, m)) for name in names]
+      cells += [common.cell(gain_values(rows, name, names[0], t, m)) for name in names[1:]]
+      lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
+  lines += ["", "Runs: " + ", ".join(f"{label} = `{name}`" for label, name in zip(labels, names))
+            + f". Gains are per seed against `{names[0]}`; positive is better."]
   return "\n".join(lines)
 
 
-def averages_table(rows, plan, tasks: list[str]) -> str:
-  """Per run: log-perplexity and token accuracy averaged over the tasks (seed by seed)."""
+def short_names(names: list[str], plain: str = "joint") -> list[str]:
+  """The run names without the prefix they all share, cut at a "-" (`plain` for the run that is
+  that prefix): ["joint-a+b", "joint-a+b-no_moe"] -> ["joint", "no_moe"]."""
+  prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+  if not (prefix.endswith("-") or all(n == prefix or n[len(prefix)] == "-" for n in names)):
+    prefix = prefix[:prefix.rfind("-") + 1]
+  return [n[len(prefix):].lstrip("-") or plain for n in names]
+
+
+def averages_table(rows, plan, tasks: list[str], labels: dict[str, str]) -> str:
+  """Per run (named by `labels`): log-perplexity and token accuracy averaged over the tasks,
+  seed by seed."""
   lines = ["| run | mean log-perplexity | mean token accuracy |", "|---|---|---|"]
   for name, _, _ in plan:
     per_seed = {}
@@ -216,7 +227,7 @@ def averages_table(rows, plan, tasks: list[str]) -> str:
       if r["run"] == name and all(t in r["metrics"] for t in tasks):
         per_seed[r["seed"]] = [sum(r["metrics"][t][m] for t in tasks) / len(tasks)
                                for m in ("log_perplexity", "token_accuracy")]
-    lines.append(f"| {name} | {common.cell([v[0] for v in per_seed.values()])} | "
+    lines.append(f"| {labels[name]} | {common.cell([v[0] for v in per_seed.values()])} | "
                  f"{common.cell([v[1] for v in per_seed.values()])} |")
   return "\n".join(lines)
 
@@ -365,13 +376,16 @@ def main(argv=None) -> dict:
     if experts.exists():
       plots.append(pathlib.Path(shutil.copy(experts, out_dir / "expert_load_joint.png")))
   else:
-    table = variants_table(rows, plan, metrics, reported)
+    names = [name for name, _, _ in plan]
+    labels = dict(zip(names, short_names(names, "uniform" if args.experiment == "sampling"
+                                         else "joint")))
+    table = variants_table(rows, plan, metrics, reported, labels)
     if args.experiment == "sampling":
-      table += "\n\nAverages over the tasks:\n\n" + averages_table(rows, plan, tasks)
+      table += "\n\nAverages over the tasks:\n\n" + averages_table(rows, plan, tasks, labels)
     plots.append(plot_bars(
         out_dir, "metric_per_run", [f"{t} {metrics[t][-1]}" for t in reported],
-        {name: [values(rows, name, t, metrics[t][-1]) for t in reported] for name, _, _ in plan},
-        "task metric", args.experiment))
+        {labels[name]: [values(rows, name, t, metrics[t][-1]) for t in reported]
+         for name, _, _ in plan}, "task metric", args.experiment))
   text = head + "\n" + table + "\n\nPlots: " + ", ".join(p.name for p in plots) + "\n"
   (out_dir / "results.md").write_text(text)
   (out_dir / "results.json").write_text(json.dumps(

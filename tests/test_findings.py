@@ -62,8 +62,9 @@ def test_ablations_switch_off_experts_and_attention(env, tmp_path):
       "--set", "model.use_moe=True")
   table = (out / "ablations" / "results.md").read_text()
   name = "joint-image_mnist5k+translate_en_fr"
-  for row in (f"| {name} |", f"| {name}-no_moe |", f"| {name}-no_attention |", "Gain over"):
-    assert row in table
+  assert "| task | metric | joint | no_moe | no_attention | no_moe - joint | " in table
+  assert f"joint = `{name}`, no_moe = `{name}-no_moe`, no_attention = `{name}-no_attention`" in table
+  assert "| image_mnist5k | accuracy |" in table and "| translate_en_fr | chrf |" in table
   saved = {p.parent.name: json.loads(p.read_text())["model"]
            for p in (out / "runs").glob("*/config.json")}
   assert saved[f"{name}-s0"]["use_moe"] and saved[f"{name}-s0"]["use_attention"]
@@ -94,9 +95,11 @@ def test_sampling_compares_mixtures_and_gradnorm(env, tmp_path):
   run(env, out, "sampling", "--tasks", "image_mnist5k,translate_en_fr")
   table = (out / "sampling" / "results.md").read_text()
   name = "joint-image_mnist5k+translate_en_fr"
-  assert f"| {name} |" in table  # uniform: the plain joint run, shared with joint_vs_single
+  # uniform: the plain joint run, shared with joint_vs_single.
+  assert "| task | metric | uniform | proportional | temperature | adaptive | gradnorm |" in table
+  assert f"uniform = `{name}`" in table
   for strategy in ("proportional", "temperature", "adaptive", "gradnorm"):
-    assert f"| {name}-{strategy} |" in table
+    assert f"{strategy} = `{name}-{strategy}`" in table and f"| {strategy} | " in table
   assert "mean log-perplexity" in table and "tasks drawn by the run's mixture" in table
   runs = {r["run"]: r for r in json.loads((out / "sampling" / "results.json").read_text())["runs"]}
   assert runs[name]["steps"] == 8 and runs[f"{name}-gradnorm"]["steps"] == 4
@@ -135,6 +138,18 @@ def test_sampling_variants_pick_runs_and_unknown_ones_fail():
   assert plan[1][2] == {"data.mixture": "adaptive"}
   with pytest.raises(SystemExit):
     findings.parse_args(["sampling", "--variants", "uniform,softmax"])
+
+
+def test_table_columns_are_named_by_what_sets_the_runs_apart():
+  from experiments import common, findings
+  assert findings.short_names(["joint-a+b", "joint-a+b-no_moe"]) == ["joint", "no_moe"]
+  assert findings.short_names(["joint-a+b", "joint-a+b-adaptive"], "uniform") == [
+      "uniform", "adaptive"]
+  assert findings.short_names(["joint-a-adaptive", "joint-a-abc"]) == ["adaptive", "abc"]
+  assert findings.short_names(["single-p", "joint-p+i", "joint-all"]) == [
+      "single-p", "joint-p+i", "joint-all"]
+  assert common.cell([0.25]) == "0.250" and common.cell([1.0, 3.0]) == "2.000 ± 1.414"
+  assert common.cell([]) == "-"
 
 
 def test_task_schedule_renames_joint_runs_and_shares_single_ones(env, tmp_path):
