@@ -136,9 +136,14 @@ def headline_metric(task) -> str:
 # ---------------------------------------------------------------------------------------------
 # Statistics.
 
+def finite(values: list) -> list[float]:
+  """The values that are finite numbers (a failed or missing metric is None or NaN)."""
+  return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value); NaN, NaN for none."""
-  values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+  """Mean and sample standard deviation of the finite values (0 for one); NaN, NaN for none."""
+  values = finite(values)
   if not values:
     return math.nan, math.nan
   return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -149,8 +154,8 @@ def cell(values: list[float], digits: int = 3) -> str:
   mean, std = mean_std(values)
   if math.isnan(mean):
     return "-"
-  finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-  return f"{mean:.{digits}f}" if len(finite) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+  text = f"{mean:.{digits}f}"
+  return text if len(finite(values)) == 1 else f"{text} ± {std:.{digits}f}"
 
 
 def better_sign(metric: str) -> float:
