@@ -194,16 +194,16 @@ def variants_table(rows, plan, metrics: dict, reported: list[str], labels: dict[
   """One row per (reported task, metric), one column per run of the plan (named by `labels`),
   then the gains over the first run."""
   names = [name for name, _, _ in plan]
-  labels = [labels[name] for name in names]
-  lines = ["| task | metric | " + " | ".join(labels) + " | "
-           + " | ".join(f"{label} - {labels[0]}" for label in labels[1:]) + " |",
+  heads = [labels[name] for name in names]
+  lines = ["| task | metric | " + " | ".join(heads) + " | "
+           + " | ".join(f"{head} - {heads[0]}" for head in heads[1:]) + " |",
            "|---|---|" + "---|" * (2 * len(names) - 1)]
   for t in reported:
     for m in metrics[t]:
       cells = [common.cell(values(rows, name, t, m)) for name in names]
       cells += [common.cell(gain_values(rows, name, names[0], t, m)) for name in names[1:]]
       lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
-  lines += ["", "Runs: " + ", ".join(f"{label} = `{name}`" for label, name in zip(labels, names))
+  lines += ["", "Runs: " + ", ".join(f"{head} = `{name}`" for head, name in zip(heads, names))
             + f". Gains are per seed against `{names[0]}`; positive is better."]
   return "\n".join(lines)
 
