@@ -3,6 +3,11 @@
 Teacher-forced metrics for every task (the paper's measures): per-token log-perplexity and
 accuracy; top-1/top-5 for classification. Sequence tasks are also decoded (greedy or beam) and
 scored with the task's own metrics (BLEU, chrF, WER, CER, exact match, bracket F1).
+
+`input_gain` says how much the model reads its inputs: the log-perplexity of the targets given
+another example's input (the batch's inputs rolled by one; examples of a batch have inputs of
+similar length) minus that given their own, in nats per target token. A model that predicts its
+targets without looking at the input scores 0.
 """
 
 import json
@@ -51,6 +56,9 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     _, metrics = objective.loss_fn(model, spec, batch, train=False)
     keys = ("nll", "correct", "weight", "correct_top5")
     out = {k: metrics[k] for k in keys if k in metrics}
+    rolled = {k: jnp.roll(batch[k], 1, axis=0) for k in ("inputs", "input_mask") if k in batch}
+    _, other = objective.loss_fn(model, spec, dict(batch, **rolled), train=False)
+    out["nll_other_input"] = other["nll"]
     if task.target_modality == "label":  # The predicted classes are the classifier's outputs.
       logits, _ = model(spec, batch["inputs"], batch["targets"], batch.get("input_mask"))
       out["predictions"] = jnp.argmax(logits, axis=-1)  # [B]
@@ -85,6 +93,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   results = {"log_perplexity": totals.get("nll", math.nan) / weight,
              "token_accuracy": totals.get("correct", math.nan) / weight,
              "examples": int(totals.get("weight", 0)) if task.target_modality == "label" else None}
+  results["input_gain"] = (totals.get("nll_other_input", math.nan) / weight
+                           - results["log_perplexity"])
   if task.target_modality == "label":
     results["accuracy"] = results["token_accuracy"]
     results["top5"] = totals.get("correct_top5", math.nan) / weight
@@ -118,7 +128,7 @@ def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, spli
 
 
 HEADLINE = ("accuracy", "top5", "bleu", "chrf", "wer", "cer", "exact_match", "bracket_f1",
-            "token_accuracy", "log_perplexity")
+            "token_accuracy", "log_perplexity", "input_gain")
 
 
 def format_table(results: dict) -> str:

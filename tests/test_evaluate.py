@@ -35,7 +35,8 @@ def test_cli_prints_the_table_and_writes_metrics_and_outputs(workdir):
   assert result.returncode == 0, result.stderr[-4000:]
   header, rule, *rows = result.stdout.splitlines()[1:-1]
   assert header.split() == ["task", "metric", "value"] and set(rule) == {"-", " "}
-  assert {r.split()[1] for r in rows} == {"bleu", "chrf", "token_accuracy", "log_perplexity"}
+  assert {r.split()[1] for r in rows} == {"bleu", "chrf", "token_accuracy", "log_perplexity",
+                                          "input_gain"}
   assert "translate_en_fr (test split, step 2, 4 examples" in result.stdout
   report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
   assert (report["task"], report["split"], report["step"], report["examples"]) == (
@@ -76,6 +77,34 @@ def test_no_repeat_ngram_reaches_the_decoder(workdir, capsys, monkeypatch):
   with pytest.raises(SystemExit):
     evaluate.parse_args(args + ["--no_repeat_ngram", "-1"])
   assert "--no_repeat_ngram >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task_name", ["translate_en_fr", "image_mnist5k"])
+def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, task_name):
+  """input_gain = log-ppl given another example's input - given its own: nonzero for a model
+  that reads its inputs (even this barely trained one), exactly 0 when every example of a batch
+  has the same input."""
+  from multimodel import evaluation  # pylint: disable=import-outside-toplevel
+  run = checkpoint.load_run(workdir)
+  graphdef, params = evaluate.model_from_run(run)
+  tokenizer = evaluate.Tokenizer.from_bytes(run.tokenizer_bytes)
+
+  def report():
+    return evaluation.evaluate_task(
+        graphdef, params, evaluate.run_task(run, task_name), tokenizer,
+        evaluate.InputConfig.from_config(run.config), max_examples=8, decode="none")
+
+  own = report()
+  assert np.isfinite(own["input_gain"]) and abs(own["input_gain"]) > 1e-4
+  eval_batches = evaluation.pipeline.eval_batches
+
+  def same_input(*args, **kwargs):
+    for batch in eval_batches(*args, **kwargs):
+      yield dict(batch, **{k: np.broadcast_to(batch[k][:1], batch[k].shape)
+                           for k in ("inputs", "input_mask") if k in batch})
+
+  monkeypatch.setattr(evaluation.pipeline, "eval_batches", same_input)
+  assert report()["input_gain"] == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
