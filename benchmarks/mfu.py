@@ -85,12 +85,25 @@ class MatmulPeak:
     self.sustained = max(self.sustained, self.count * self.flops / (time.perf_counter() - start))
 
 
-def load_config(name: str, dtype: str, **model_overrides):
+def load_config(name: str, dtype: str, tokens_per_batch: int = 0, image_batch: int = 0,
+                **model_overrides):
+  """Config `name` in `dtype` with its batch sizes replaced where given (0: the config's own)."""
   config = importlib.import_module(f"multimodel.configs.{name}").get_config()
   config.model.dtype = dtype
   for key, value in model_overrides.items():
     config.model[key] = value
+  if tokens_per_batch:
+    config.data.tokens_per_batch = tokens_per_batch
+  if image_batch:
+    config.data.image_batch_size = image_batch
   return config
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--tokens_per_batch", type=int, default=0,
+                      help="Token budget of a text batch (0: the config's data.tokens_per_batch)")
+  parser.add_argument("--image_batch", type=int, default=0,
+                      help="B of the image batch (0: the config's data.image_batch_size)")
 
 
 def synthetic_batch(config, kind: str, length: int, seed: int = 0, image_size: int = IMAGE_SIZE):
@@ -246,8 +259,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
                       help="H = W of the image batch (28: MNIST-shaped; the paper's stem is "
                            "built for ImageNet's 224)")
-  parser.add_argument("--image_batch", type=int, default=0,
-                      help="B of the image batch (0: the config's data.image_batch_size)")
+  add_batch_arguments(parser)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--matmul", type=int, default=2048, help="n of the peak's [n, n] matmul")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -259,9 +271,7 @@ def main(argv=None) -> dict:
     peak.sample()
   rows, memory_rows = [], {}
   for name in args.configs.split(","):
-    config = load_config(name, args.dtype)
-    if args.image_batch:
-      config.data.image_batch_size = args.image_batch
+    config = load_config(name, args.dtype, args.tokens_per_batch, args.image_batch)
     for kind in args.kinds.split(","):
       row = measure(config, kind, args.length, peak, args.repeats, args.image_size)
       row["config"] = name

@@ -1,7 +1,8 @@
 """Where the train step's time goes: XLA ops by kind, from a `jax.profiler` trace of one step.
 
     python -m benchmarks.profile_step [--config paper] [--kind image] [--image_size 224]
-                                      [--image_batch 8] [--length 64] [--top 15]
+                                      [--image_batch 8] [--tokens_per_batch N] [--length 64]
+                                      [--top 15]
 
 Builds the same step as `benchmarks/mfu.py` (the trainer's `train_step` under `jax.jit`, state
 donated, synthetic batch of the input pipeline's shapes), runs two warm-up steps, traces one, and
@@ -54,14 +55,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--kind", choices=["text", "image"], default="image")
   parser.add_argument("--length", type=int, default=64)
   parser.add_argument("--image_size", type=int, default=mfu.IMAGE_SIZE)
-  parser.add_argument("--image_batch", type=int, default=0)
+  mfu.add_batch_arguments(parser)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--hlo", default="", help="write the compiled step's HLO text here")
   args = parser.parse_args(argv)
 
-  config = mfu.load_config(args.config, "float32")
-  if args.image_batch:
-    config.data.image_batch_size = args.image_batch
+  config = mfu.load_config(args.config, "float32", args.tokens_per_batch, args.image_batch)
   task, batch, _ = mfu.synthetic_batch(config, args.kind, args.length, image_size=args.image_size)
   compiled, state, step_args, _ = mfu.compiled_step(config, task, batch)
   if args.hlo:

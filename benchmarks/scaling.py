@@ -48,20 +48,22 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--matmul", type=int, default=2048)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  mfu.add_batch_arguments(parser)
   args = parser.parse_args(argv)
 
   print(mfu.describe_machine(), flush=True)
   peak = mfu.MatmulPeak(args.matmul, jnp.dtype(args.dtype))
   for _ in range(3):
     peak.sample()
-  config = mfu.load_config(args.config, args.dtype)
+  config = mfu.load_config(args.config, args.dtype, args.tokens_per_batch, args.image_batch)
   by_length = []
   for length in (int(x) for x in args.lengths.split(",")):
     by_length.append(_row(config, length, peak, args.repeats, length=length))
     print(f"  L={length}: {by_length[-1]['step_s'] * 1e3:.0f} ms/step", flush=True)
   by_experts = []
   for e in (int(x) for x in args.experts.split(",")):
-    expert_config = mfu.load_config(args.config, args.dtype, num_experts=e)
+    expert_config = mfu.load_config(args.config, args.dtype, args.tokens_per_batch,
+                                    args.image_batch, num_experts=e)
     by_experts.append(_row(expert_config, args.expert_length, peak, args.repeats, experts=e))
     print(f"  E={e}: {by_experts[-1]['step_s'] * 1e3:.0f} ms/step", flush=True)
   for r in by_length + by_experts:
