@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from data.buckets import InputConfig
+from data.tokenizer import Tokenizer
 from multimodel import checkpoint, evaluate
 from tests import tiny_data
 from tests.test_export import train_tiny_run
@@ -87,12 +89,12 @@ def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, 
   from multimodel import evaluation  # pylint: disable=import-outside-toplevel
   run = checkpoint.load_run(workdir)
   graphdef, params = evaluate.model_from_run(run)
-  tokenizer = evaluate.Tokenizer.from_bytes(run.tokenizer_bytes)
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
 
   def report():
     return evaluation.evaluate_task(
         graphdef, params, evaluate.run_task(run, task_name), tokenizer,
-        evaluate.InputConfig.from_config(run.config), max_examples=8, decode="none")
+        InputConfig.from_config(run.config), max_examples=8, decode="none")
 
   own = report()
   assert np.isfinite(own["input_gain"]) and abs(own["input_gain"]) > 1e-4
