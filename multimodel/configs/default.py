@@ -35,6 +35,11 @@ Sized for a budget in which the model sees most training examples about once, so
 - parsing x4 (was x2): with the half batches its ~400 steps of its own became ~730, and its test
   log-perplexity fell from 1.81 to 1.61, token accuracy rose from 0.66 to 0.71 and bracket F1
   from 0.005 to 0.038; at x4 with sentiment x6, sentiment fell to 0.650 (0.735 at x8).
+
+Tried and not taken (docs/results.md): a quarter of the batch (512 tokens, 8 images) reaches only
+step ~8400 in this job's time, where the sequence tasks' test log-perplexities equal this job's
+and greedy chrF is lower; the translation directions at x1 lower their own log-perplexity by
+0.15-0.38 without reading more of their input, and parsing and the captions lose for it.
 """
 
 from multimodel.configs import common
