@@ -214,6 +214,7 @@ class MultiModel(nnx.Module):
     dtype, param_dtype = compute_dtype(cfg.dtype), jnp.float32
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.d_model, self.dtype, self.label_smoothing = cfg.d_model, dtype, cfg.label_smoothing
+    self.target_word_dropout = cfg.target_word_dropout
     self.label_head = label_head(cfg)
     self.modalities = nnx.Dict({name: modalities.build(name, cfg, **kw) for name in modality_names})
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, sharding.EMBED))
@@ -240,9 +241,15 @@ class MultiModel(nnx.Module):
     enc, aux = self.encoder(x, mask, train=train, rngs=rngs)
     return enc, mask, aux
 
-  def _decoder_inputs(self, task, targets):
-    """Command token then targets shifted right: [B, T] -> [B, T, D]."""
+  def _decoder_inputs(self, task, targets, *, train=False, rngs=None):
+    """Command token then targets shifted right: [B, T] -> [B, T, D].
+
+    In training, each target embedding is zeroed with probability `target_word_dropout`.
+    """
     y = self._modality(task.target_modality).embed_targets(targets)  # [B, T, D]
+    if train and self.target_word_dropout > 0:
+      keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.target_word_dropout, y.shape[:2])
+      y = jnp.where(keep[..., None], y, jnp.zeros((), y.dtype))
     cmd = jnp.broadcast_to(self.command(task), (y.shape[0], 1, y.shape[2]))
     return jnp.concatenate([cmd, y[:, :-1]], axis=1)
 
@@ -263,7 +270,8 @@ class MultiModel(nnx.Module):
       return (target.logits(pooled, task.num_classes, task.label_offset),
               {"encoder": enc_aux})
     if target.autoregressive:
-      y, target_mask = self._decoder_inputs(task, targets), targets != 0  # [B, T, D], [B, T]
+      y = self._decoder_inputs(task, targets, train=train, rngs=rngs)  # [B, T, D]
+      target_mask = targets != 0  # [B, T]
     else:  # label_head "decoder": a target of length 1, the command token.
       y = jnp.broadcast_to(self.command(task), (enc.shape[0], 1, self.d_model))
       target_mask = jnp.ones(y.shape[:2], bool)

@@ -219,6 +219,22 @@ def test_causality(model):
       assert not np.allclose(np.asarray(out)[:, t + 1:], np.asarray(base)[:, t + 1:])
 
 
+def test_target_word_dropout_hides_target_tokens_in_training_only():
+  """At rate 1 the decoder sees no target token in training; evaluation always sees them all."""
+  rng = np.random.default_rng(9)
+  task = TaskSpec("text", "text", command_id=1)
+  src, tgt = ids(rng, (B, S)), ids(rng, (B, T))
+  other = (tgt + 5) % 60 + 3
+  plain = MultiModel(small_config(dropout=0.0), rngs=nnx.Rngs(2))
+  dropped = MultiModel(small_config(dropout=0.0, target_word_dropout=1.0), rngs=nnx.Rngs(2))
+  train = lambda m, t: m(task, src, t, train=True, rngs=nnx.Rngs(dropout=0))[0]
+  np.testing.assert_allclose(train(dropped, tgt), train(dropped, other), atol=1e-6)
+  assert not np.allclose(train(plain, tgt), train(plain, other), atol=1e-3)
+  np.testing.assert_allclose(dropped(task, src, tgt)[0], plain(task, src, tgt)[0], atol=1e-6)
+  half = MultiModel(small_config(dropout=0.0, target_word_dropout=0.5), rngs=nnx.Rngs(2))
+  assert not np.allclose(train(half, tgt), train(plain, tgt), atol=1e-3)
+
+
 @pytest.mark.parametrize("input_modality", ["text", "image", "audio"])
 def test_cached_decoding_equals_full_forward(model, input_modality):
   rng = np.random.default_rng(4)

@@ -18,6 +18,11 @@ MODEL = dict(
     kernel_size=3,  # Separable-conv kernel along the sequence.
     dilations=(1, 1, 2, 4),  # Dilation of each of the 4 conv steps of a conv block.
     dropout=0.1,
+    # Word dropout on the decoder's input (Sennrich & Zhang 2019): in training, each target token
+    # fed to the decoder (teacher forcing) has its embedding zeroed with this probability, so that
+    # predicting the next token from the previous ones pays less and reading the input more.
+    # Sequence targets only; the command token is never dropped. 0 = off.
+    target_word_dropout=0.0,
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.
     num_experts=8,  # E
