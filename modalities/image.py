@@ -52,6 +52,25 @@ def _pointwise(conv: nnx.Conv, x: Array, stride: int = 1) -> Array:
   return y.reshape(b, h, w, kernel.shape[-1])
 
 
+def _dense3x3(conv: nnx.Conv, x: Array, stride: int = 1) -> Array:
+  """`conv` (3x3, padding 1) as one [N, 9C] x [9C, O] matmul over the nine shifted inputs.
+
+  [B, H, W, C] -> [B, H', W', O] with H' = (H - 1) // stride + 1. Same result as the convolution;
+  XLA's CPU convolution of the stem's 3x3 kernels runs slower than this product (forward and
+  backward; docs/performance.md).
+  """
+  b = x.shape[0]
+  h, w = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
+  padded = jnp.pad(x.astype(conv.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  taps = [padded[:, dy:dy + stride * (h - 1) + 1:stride, dx:dx + stride * (w - 1) + 1:stride]
+          for dy in range(3) for dx in range(3)]
+  patches = jnp.concatenate(taps, axis=-1)  # [B, H', W', 9C], (dy, dx, c) order
+  kernel = conv.kernel[...].astype(conv.dtype)  # [3, 3, C, O]
+  kernel = kernel.reshape(-1, kernel.shape[-1])  # [9C, O], the same order
+  y = patches.reshape(b * h * w, -1) @ kernel + conv.bias[...].astype(conv.dtype)
+  return y.reshape(b, h, w, kernel.shape[-1])
+
+
 def _max_pool3x3s2(x: Array) -> Array:
   """3x3 max pool, stride 2, padding 1, as the maximum of 9 strided slices: [B, H, W, C].
 
@@ -115,8 +134,8 @@ class Image(nnx.Module):
              rngs: nnx.Rngs | None = None) -> tuple[Array, None]:
     del input_mask, train, rngs  # Images are never padded.
     x = inputs.astype(self.dtype)  # [B, H, W, C]
-    x = jax.nn.relu(self.norm1(self.conv1(x).astype(jnp.float32))).astype(self.dtype)
-    x = jax.nn.relu(self.norm2(self.conv2(x).astype(jnp.float32))).astype(self.dtype)
+    x = jax.nn.relu(self.norm1(_dense3x3(self.conv1, x, 2).astype(jnp.float32))).astype(self.dtype)
+    x = jax.nn.relu(self.norm2(_dense3x3(self.conv2, x).astype(jnp.float32))).astype(self.dtype)
     for block in self.blocks:
       x = block(x)  # [B, H/2, W/2, F]
     x = self.project(x)  # [B, H', W', D]

@@ -133,6 +133,30 @@ def test_image_depthwise_taps_match_the_grouped_convolution():
   np.testing.assert_allclose(_depthwise3x3(block.depthwise, x), block.depthwise(x), atol=1e-5)
 
 
+def test_image_dense3x3_matches_the_convolution():
+  """The stem's 3x3 convs as one matmul over shifted inputs against nnx.Conv: values and gradients.
+
+  Both strides, odd and even sizes (padding).
+  """
+  from modalities.image import _conv, _dense3x3
+  rng = np.random.default_rng(1)
+  for stride in (1, 2):
+    conv = _conv(5, 7, 3, strides=stride, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs=nnx.Rngs(stride))
+    conv.bias[...] = jnp.linspace(-1.0, 1.0, 7)
+    for shape in [(2, 7, 5, 5), (1, 8, 6, 5)]:
+      x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+      np.testing.assert_allclose(_dense3x3(conv, x, stride), conv(x), atol=1e-5)
+      probe = jnp.asarray(rng.normal(size=conv(x).shape), jnp.float32)
+      graphdef, params = nnx.split(conv)
+      def grads(f):
+        loss = lambda p, y: jnp.sum(f(nnx.merge(graphdef, p), y) * probe)
+        return jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(params, x))
+      ours = grads(lambda c, y: _dense3x3(c, y, stride))
+      for got, want in zip(ours, grads(lambda c, y: c(y)), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_image_pointwise_and_pool_match_nnx():
   """1x1 convs as matmuls and the 3x3/2 max pool as strided slices against nnx's own ops.
 
