@@ -52,13 +52,14 @@ def _pointwise(conv: nnx.Conv, x: Array, stride: int = 1) -> Array:
   return y.reshape(b, h, w, kernel.shape[-1])
 
 
-def _dense3x3(conv: nnx.Conv, x: Array, stride: int = 1) -> Array:
-  """`conv` (3x3, padding 1) as one [N, 9C] x [9C, O] matmul over the nine shifted inputs.
+def _dense3x3(conv: nnx.Conv, x: Array) -> Array:
+  """`conv` (3x3, padding 1, its own stride) as one [N, 9C] x [9C, O] matmul over shifted inputs.
 
   [B, H, W, C] -> [B, H', W', O] with H' = (H - 1) // stride + 1. Same result as the convolution;
   XLA's CPU convolution of the stem's 3x3 kernels runs slower than this product (forward and
   backward; docs/performance.md).
   """
+  stride = conv.strides if isinstance(conv.strides, int) else conv.strides[0]
   b = x.shape[0]
   h, w = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
   padded = jnp.pad(x.astype(conv.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -120,7 +121,7 @@ class Image(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     f = stem_filters
     self.dtype = dtype
-    self.conv1 = _conv(channels, f, 3, strides=2, **kw)
+    self.conv1 = _conv(channels, f, 3, strides=2, **kw)  # Applied by _dense3x3, as is conv2.
     self.norm1 = nnx.LayerNorm(f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.conv2 = _conv(f, 2 * f, 3, **kw)
     self.norm2 = nnx.LayerNorm(2 * f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
@@ -134,7 +135,7 @@ class Image(nnx.Module):
              rngs: nnx.Rngs | None = None) -> tuple[Array, None]:
     del input_mask, train, rngs  # Images are never padded.
     x = inputs.astype(self.dtype)  # [B, H, W, C]
-    x = jax.nn.relu(self.norm1(_dense3x3(self.conv1, x, 2).astype(jnp.float32))).astype(self.dtype)
+    x = jax.nn.relu(self.norm1(_dense3x3(self.conv1, x).astype(jnp.float32))).astype(self.dtype)
     x = jax.nn.relu(self.norm2(_dense3x3(self.conv2, x).astype(jnp.float32))).astype(self.dtype)
     for block in self.blocks:
       x = block(x)  # [B, H/2, W/2, F]

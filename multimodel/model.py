@@ -248,6 +248,9 @@ class MultiModel(nnx.Module):
     """
     y = self._modality(task.target_modality).embed_targets(targets)  # [B, T, D]
     if train and self.target_word_dropout > 0:
+      if rngs is None:
+        raise ValueError("model.target_word_dropout > 0 needs rngs with a 'dropout' stream in "
+                         "training; got rngs=None")
       keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.target_word_dropout, y.shape[:2])
       y = jnp.where(keep[..., None], y, jnp.zeros((), y.dtype))
     cmd = jnp.broadcast_to(self.command(task), (y.shape[0], 1, y.shape[2]))

@@ -146,13 +146,13 @@ def test_image_dense3x3_matches_the_convolution():
     conv.bias[...] = jnp.linspace(-1.0, 1.0, 7)
     for shape in [(2, 7, 5, 5), (1, 8, 6, 5)]:
       x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-      np.testing.assert_allclose(_dense3x3(conv, x, stride), conv(x), atol=1e-5)
+      np.testing.assert_allclose(_dense3x3(conv, x), conv(x), atol=1e-5)
       probe = jnp.asarray(rng.normal(size=conv(x).shape), jnp.float32)
       graphdef, params = nnx.split(conv)
       def grads(f):
         loss = lambda p, y: jnp.sum(f(nnx.merge(graphdef, p), y) * probe)
         return jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(params, x))
-      ours = grads(lambda c, y: _dense3x3(c, y, stride))
+      ours = grads(_dense3x3)
       for got, want in zip(ours, grads(lambda c, y: c(y)), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -255,8 +255,17 @@ def test_target_word_dropout_hides_target_tokens_in_training_only():
   np.testing.assert_allclose(train(dropped, tgt), train(dropped, other), atol=1e-6)
   assert not np.allclose(train(plain, tgt), train(plain, other), atol=1e-3)
   np.testing.assert_allclose(dropped(task, src, tgt)[0], plain(task, src, tgt)[0], atol=1e-6)
+  # The decoder's input: the command token always, each target token zeroed at the rate.
+  command = np.asarray(dropped.command(task))
+  inputs = np.asarray(dropped._decoder_inputs(task, tgt, train=True, rngs=nnx.Rngs(dropout=0)))
+  np.testing.assert_allclose(inputs[:, 0], np.broadcast_to(command, inputs[:, 0].shape))
+  assert not inputs[:, 1:].any()
   half = MultiModel(small_config(dropout=0.0, target_word_dropout=0.5), rngs=nnx.Rngs(2))
-  assert not np.allclose(train(half, tgt), train(plain, tgt), atol=1e-3)
+  many = ids(rng, (64, T))
+  inputs = np.asarray(half._decoder_inputs(task, many, train=True, rngs=nnx.Rngs(dropout=0)))
+  zeroed = ~inputs[:, 1:].any(-1)  # [64, T - 1]
+  assert 0.35 < zeroed.mean() < 0.65, zeroed.mean()
+  np.testing.assert_allclose(inputs[:, 0], np.broadcast_to(half.command(task), inputs[:, 0].shape))
 
 
 @pytest.mark.parametrize("input_modality", ["text", "image", "audio"])
