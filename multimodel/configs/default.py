@@ -54,7 +54,7 @@ WEIGHTS = ("image_mnist5k=4,sentiment_reviews=8,caption_stamps=3,parse_en=4,spee
 
 def get_config():
   return common.make(
-      model=dict(d_model=256, hidden=1024, num_heads=4, encoder_blocks=4, mixer_blocks=1,
+      model=dict(d_model=256, hidden=1024, num_heads=4, encoder_blocks=2, mixer_blocks=1,
                  decoder_blocks=2, num_experts=8, top_k=2, dropout=0.0, norm="pre",
                  tie_embeddings=False),
       train=dict(steps=5200, warmup_steps=300, learning_rate=0.3, log_every=50,
