@@ -5,6 +5,8 @@ convs with stride-2 max pooling -> dense to D -> [B, H' * W', D] with H' = H / 2
 Paddings are explicit so output positions do not depend on the image size parity.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +24,15 @@ def _conv(i, o, kernel, *, strides=1, groups=1, padding=PAD1, dtype, param_dtype
                                                     (sharding.CONV, sharding.CONV, None, None)))
 
 
+def _windows3x3(x: Array, stride: int = 1, fill: float = 0.0) -> list[Array]:
+  """The nine [B, H', W', C] windows of a 3x3 kernel with padding 1 (pad value `fill`) over
+  [B, H, W, C], in (dy, dx) order; H' = (H - 1) // stride + 1."""
+  h, w = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=fill)
+  return [padded[:, dy:dy + stride * (h - 1) + 1:stride, dx:dx + stride * (w - 1) + 1:stride]
+          for dy in range(3) for dx in range(3)]
+
+
 def _depthwise3x3(conv: nnx.Conv, x: Array) -> Array:
   """`conv` (3x3, one filter per channel, padding 1) as 9 shifted multiply-adds: [B, H, W, C].
 
@@ -29,13 +40,11 @@ def _depthwise3x3(conv: nnx.Conv, x: Array) -> Array:
   convolution's kernel as a dense one (C times the FLOPs: most of an image step's backward pass);
   shifted products differentiate into shifted products and sums (docs/performance.md).
   """
-  h, w = x.shape[1:3]
   kernel = conv.kernel[...].astype(conv.dtype).astype(jnp.float32)  # [3, 3, 1, C]
-  padded = jnp.pad(x.astype(conv.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
+  kernel = kernel.reshape(9, kernel.shape[-1])  # [9, C], (dy, dx) order
   y = conv.bias[...].astype(conv.dtype).astype(jnp.float32)  # [C]; sums in float32
-  for dy in range(3):
-    for dx in range(3):
-      y = y + padded[:, dy:dy + h, dx:dx + w].astype(jnp.float32) * kernel[dy, dx, 0]
+  for tap, window in zip(kernel, _windows3x3(x.astype(conv.dtype))):
+    y = y + window.astype(jnp.float32) * tap
   return y.astype(conv.dtype)
 
 
@@ -60,12 +69,8 @@ def _dense3x3(conv: nnx.Conv, x: Array) -> Array:
   backward; docs/performance.md).
   """
   stride = conv.strides if isinstance(conv.strides, int) else conv.strides[0]
-  b = x.shape[0]
-  h, w = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
-  padded = jnp.pad(x.astype(conv.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  taps = [padded[:, dy:dy + stride * (h - 1) + 1:stride, dx:dx + stride * (w - 1) + 1:stride]
-          for dy in range(3) for dx in range(3)]
-  patches = jnp.concatenate(taps, axis=-1)  # [B, H', W', 9C], (dy, dx, c) order
+  patches = jnp.concatenate(_windows3x3(x.astype(conv.dtype), stride), axis=-1)  # [B, H', W', 9C]
+  b, h, w = patches.shape[:3]  # 9C in (dy, dx, c) order
   kernel = conv.kernel[...].astype(conv.dtype)  # [3, 3, C, O]
   kernel = kernel.reshape(-1, kernel.shape[-1])  # [9C, O], the same order
   y = patches.reshape(b * h * w, -1) @ kernel + conv.bias[...].astype(conv.dtype)
@@ -78,14 +83,7 @@ def _max_pool3x3s2(x: Array) -> Array:
   The same values and gradient as `nnx.max_pool` (apart from exact ties), but XLA's CPU backward
   of a pooling window (select-and-scatter) is about 8x slower than that of the slices.
   """
-  h, w = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2  # Output size with padding 1.
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  y = None
-  for dy in range(3):
-    for dx in range(3):
-      window = padded[:, dy:dy + 2 * h - 1:2, dx:dx + 2 * w - 1:2]
-      y = window if y is None else jnp.maximum(y, window)
-  return y
+  return functools.reduce(jnp.maximum, _windows3x3(x, 2, fill=-jnp.inf))
 
 
 class _SepConv2D(nnx.Module):
