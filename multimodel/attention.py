@@ -49,11 +49,13 @@ def causal_mask(length: int) -> Array:
 class MultiHeadAttention(nnx.Module):
   """Dot-product attention with H heads: queries [B, T, D] attend to keys/values [B, S, D]."""
 
-  def __init__(self, features: int, num_heads: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, features: int, num_heads: int, *, key_timing: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """key_timing: add the timing signal to the memory before the key projection only."""
     if features % num_heads:
       raise ValueError(f"width {features} is not divisible by {num_heads} heads")
     self.num_heads, self.head_dim, self.dtype = num_heads, features // num_heads, dtype
+    self.key_timing = key_timing
     shape = (features, num_heads, self.head_dim)
 
     def proj(axes):
@@ -72,7 +74,8 @@ class MultiHeadAttention(nnx.Module):
   def project_kv(self, memory: Array) -> tuple[Array, Array]:
     """memory [B, S, D] -> keys, values [B, S, H, d]."""
     m = memory.astype(self.dtype)
-    k = jnp.einsum("BSD,DHd->BSHd", m, self.wk[...].astype(self.dtype))
+    k = jnp.einsum("BSD,DHd->BSHd", add_timing(m) if self.key_timing else m,
+                   self.wk[...].astype(self.dtype))
     v = jnp.einsum("BSD,DHd->BSHd", m, self.wv[...].astype(self.dtype))
     return k, v
 
@@ -97,19 +100,20 @@ class AttentionBlock(nnx.Module):
   With `enabled=False` (the paper's no-attention ablation) self-attention is skipped and the
   cross-attention is replaced by the masked mean of the memory, so the decoder still sees the input.
   With `pre_norm` the layer norm moves onto the branch's input, x + f(norm(x)), instead of
-  norm(x + f(x)) (see `model.norm` in the configs).
+  norm(x + f(x)) (see `model.norm` in the configs). With `memory_timing` the cross-attention's
+  keys are projected from the memory plus the timing signal (see `model.memory_timing`).
   """
 
   def __init__(self, features: int, num_heads: int, *, self_attention: bool = True,
-               enabled: bool = True, pre_norm: bool = False, dropout: float = 0.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               enabled: bool = True, pre_norm: bool = False, memory_timing: bool = False,
+               dropout: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.enabled, self.has_self, self.pre_norm = enabled, self_attention and enabled, pre_norm
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if self.has_self:
       self.self_attn = MultiHeadAttention(features, num_heads, **kw)
       self.self_norm = nnx.LayerNorm(features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     if enabled:
-      self.cross_attn = MultiHeadAttention(features, num_heads, **kw)
+      self.cross_attn = MultiHeadAttention(features, num_heads, key_timing=memory_timing, **kw)
     self.cross_norm = nnx.LayerNorm(features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 

@@ -137,9 +137,9 @@ class Mixer(nnx.Module):
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attention = attention.AttentionBlock(cfg.d_model, cfg.num_heads,
-                                              enabled=cfg.use_attention, pre_norm=pre_norm(cfg),
-                                              dropout=cfg.dropout, **kw)
+    self.attention = attention.AttentionBlock(
+        cfg.d_model, cfg.num_heads, enabled=cfg.use_attention, pre_norm=pre_norm(cfg),
+        memory_timing=cfg.memory_timing, dropout=cfg.dropout, **kw)
     self.blocks = nnx.List([
         conv.ConvBlock(cfg.d_model, cfg.kernel_size, tuple(cfg.dilations), causal=True,
                        dropout=cfg.dropout, **kw) for _ in range(cfg.mixer_blocks)])
@@ -176,7 +176,8 @@ class Decoder(nnx.Module):
                        dropout=cfg.dropout, **kw) for _ in range(cfg.decoder_blocks)])
     self.attentions = nnx.List([
         attention.AttentionBlock(cfg.d_model, cfg.num_heads, enabled=cfg.use_attention,
-                                 pre_norm=pre_norm(cfg), dropout=cfg.dropout, **kw)
+                                 pre_norm=pre_norm(cfg), memory_timing=cfg.memory_timing,
+                                 dropout=cfg.dropout, **kw)
         for _ in range(cfg.decoder_blocks)])
     self.experts = ExpertsBlock(cfg, **kw)
     self.moe_at = _moe_position(cfg.decoder_blocks)

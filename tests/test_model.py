@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from multimodel import decode, objective, optim, trainer
+from multimodel import attention, decode, objective, optim, trainer
 from multimodel.configs import common, paper
 from multimodel.model import MultiModel, TaskSpec
 
@@ -270,6 +270,27 @@ def test_target_word_dropout_hides_target_tokens_in_training_only():
 
 @pytest.mark.parametrize("input_modality", ["text", "image", "audio"])
 def test_cached_decoding_equals_full_forward(model, input_modality):
+  _check_cached_decoding(model, input_modality)
+
+
+def test_cached_decoding_with_memory_timing_equals_full_forward():
+  m = MultiModel(small_config(memory_timing=True), rngs=nnx.Rngs(3))
+  assert m.decoder.attentions[0].cross_attn.key_timing
+  _check_cached_decoding(m, "text")
+
+
+def test_memory_timing_makes_the_cross_attention_keys_positional():
+  """A memory whose positions are all alike gives keys that differ by position with
+  memory_timing, and identical keys without it; values never carry the timing signal."""
+  memory = jnp.ones((1, 6, 32))
+  for key_timing in (False, True):
+    att = attention.MultiHeadAttention(32, 4, key_timing=key_timing, rngs=nnx.Rngs(0))
+    k, v = att.project_kv(memory)
+    assert bool(jnp.allclose(k[:, 0], k[:, 3])) != key_timing
+    np.testing.assert_allclose(v[:, 0], v[:, 3])
+
+
+def _check_cached_decoding(model, input_modality):
   rng = np.random.default_rng(4)
   inputs, mask = raw_inputs(input_modality, rng)
   task = TaskSpec(input_modality, "text", command_id=4)
@@ -288,7 +309,7 @@ def test_cached_decoding_equals_full_forward(model, input_modality):
 @pytest.mark.parametrize("overrides", [dict(), dict(use_moe=False), dict(use_attention=False),
                                        dict(dtype="bfloat16"), dict(norm="pre"),
                                        dict(norm="pre", use_attention=False),
-                                       dict(tie_embeddings=False)])
+                                       dict(tie_embeddings=False), dict(memory_timing=True)])
 def test_gradients_finite_and_ablations(overrides):
   m = MultiModel(small_config(**overrides), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(5)

@@ -23,6 +23,10 @@ MODEL = dict(
     # predicting the next token from the previous ones pays less and reading the input more.
     # Sequence targets only; the command token is never dropped. 0 = off.
     target_word_dropout=0.0,
+    # Add the sinusoid timing signal to the encoder output where the cross-attentions project it
+    # to keys (not to values), so that a decoder position can look up an input position directly
+    # rather than through what of the input's timing signal survives the encoder's blocks.
+    memory_timing=False,
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.
     num_experts=8,  # E
