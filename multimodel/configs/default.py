@@ -2,7 +2,7 @@
 
 D=256, one encoder block, 8 experts (k=2); 5200 steps of one task each (the paper's way) on
 text batches of 1024 tokens and image batches of 16, tasks drawn with temperature 2 (rate ~
-sqrt(size)) times the weights below. About 37 minutes on 2 CPU cores, final evaluation
+sqrt(size)) times the weights below. About 33 minutes on 2 CPU cores, final evaluation
 included, once its XLA programs are in the disk cache (about 5 minutes more before).
 
 Sized for a budget in which the model sees most training examples about once, so:
