@@ -12,7 +12,7 @@ MODEL = dict(
     d_model=128,  # D: width of the shared body.
     hidden=512,  # Hidden width of the feed-forward experts (and of the dense layer when MoE is off).
     num_heads=4,  # H
-    encoder_blocks=2,  # Conv blocks in the encoder; the MoE sits after the middle one (n // 2, >= 1).
+    encoder_blocks=2,  # Conv blocks in the encoder; the MoE sits after block max(n // 2, 1) (from 1).
     mixer_blocks=1,  # Causal conv blocks in the I/O mixer (after its attention).
     decoder_blocks=2,  # Decoder blocks of (causal conv block + attention); MoE in the middle.
     kernel_size=3,  # Separable-conv kernel along the sequence.
