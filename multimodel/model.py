@@ -216,6 +216,7 @@ class MultiModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.d_model, self.dtype, self.label_smoothing = cfg.d_model, dtype, cfg.label_smoothing
     self.target_word_dropout = cfg.target_word_dropout
+    self.ctc_weight = cfg.ctc_weight
     self.label_head = label_head(cfg)
     self.modalities = nnx.Dict({name: modalities.build(name, cfg, **kw) for name in modality_names})
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, sharding.EMBED))
@@ -265,7 +266,9 @@ class MultiModel(nnx.Module):
     Returns:
       logits: [B, T, V] for sequence targets, [B, num_classes] for label targets (float32).
       aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets read by
-        `label_head="pool"`).
+        `label_head="pool"`), and for audio inputs with text targets when `ctc_weight` > 0,
+        "ctc": {"logits": the text softmax applied to the encoder output [B, S', V] (id 0, the
+        padding id, is CTC's blank), "mask": bool [B, S']}: `objective.ctc_loss` reads it.
     """
     enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
     target = self._modality(task.target_modality)
@@ -284,6 +287,9 @@ class MultiModel(nnx.Module):
     h, dec_aux = self.decoder(y, enc, enc_mask, target_mask, train=train, rngs=rngs)
     aux = {"encoder": enc_aux, "decoder": dec_aux}
     if target.autoregressive:
+      if self.ctc_weight > 0 and task.input_modality == "audio":
+        mask = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
+        aux["ctc"] = {"logits": target.logits(enc), "mask": mask}
       return target.logits(h), aux
     return target.logits(h[:, 0], task.num_classes, task.label_offset), aux
 

@@ -222,8 +222,9 @@ class _Window:
                                       "load": {}, "dropped": {}})
       s["steps"] += 1
       s["grad_norm"] += float(grad_norm)
-      if "task_weight" in m:  # The all-tasks step's loss weight of the task.
-        s["task_weight"] = s.get("task_weight", 0.0) + float(m["task_weight"])
+      for key in ("task_weight", "ctc_loss"):  # All-tasks step's weight; audio tasks' CTC.
+        if key in m:
+          s[key] = s.get(key, 0.0) + float(m[key])
       s["loss"] += float(m["task_loss"])
       s["moe_loss"] += float(m["moe_loss"])
       for key in ("nll", "correct", "weight"):
@@ -248,8 +249,9 @@ class _Window:
       out["moe_loss"][task] = s["moe_loss"] / n
       out["grad_norm"][task] = s["grad_norm"] / n
       out["steps"][task] = n
-      if "task_weight" in s:
-        out.setdefault("task_weight", {})[task] = s["task_weight"] / n
+      for key in ("task_weight", "ctc_loss"):
+        if key in s:
+          out.setdefault(key, {})[task] = s[key] / n
       out["expert_load"][task] = {k: (v / n).round(5).tolist() for k, v in s["load"].items()}
       out["expert_dropped"][task] = {k: round(v / n, 5) for k, v in s["dropped"].items()}
     return out

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from modalities import audio
 from multimodel import attention, decode, objective, optim, trainer
 from multimodel.configs import common, paper
 from multimodel.model import MultiModel, TaskSpec
@@ -226,6 +227,90 @@ def test_audio_padding_never_changes_real_positions(model):
   mask_pad = np.pad(mask, ((0, 0), (0, 19)))
   b, _ = model(task, jnp.asarray(frames_pad), tgt, jnp.asarray(mask_pad))
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_audio_normalize_utterance_over_real_frames_only():
+  rng = np.random.default_rng(5)
+  x = rng.normal(3.0, 4.0, size=(B, 30, 16)).astype(np.float32)
+  mask = np.ones((B, 30), bool)
+  mask[1, 12:] = False
+  y = np.asarray(audio.normalize_utterance(jnp.asarray(x), jnp.asarray(mask)))
+  for b in range(B):
+    real = y[b][mask[b]]
+    np.testing.assert_allclose(real.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(real.std(0), 1.0, atol=1e-3)
+  assert not y[1, 12:].any()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_audio_level_and_channel_change_the_output_only_without_normalisation(normalize):
+  """A recording's gain and channel (a constant per mel bin in the log domain) is removed."""
+  m = MultiModel(small_config(audio=dict(num_mel_bins=16, conv_filters=8, normalize=normalize)),
+                 rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(6)
+  task = TaskSpec("audio", "text", command_id=3)
+  frames = rng.normal(-6.0, 3.0, size=(B, 37, 16)).astype(np.float32)
+  mask = np.ones((B, 37), bool)
+  mask[1, 30:] = False
+  tgt = ids(rng, (B, T))
+  channel = rng.normal(0.0, 2.0, size=(B, 1, 16)).astype(np.float32)
+  a, _ = m(task, jnp.asarray(frames * mask[..., None]), tgt, jnp.asarray(mask))
+  b, _ = m(task, jnp.asarray((frames + channel) * mask[..., None]), tgt, jnp.asarray(mask))
+  if normalize:
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+  else:
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
+
+
+def _ctc_logits(frames: list[int], vocab: int = 8) -> jax.Array:
+  """[1, len(frames), vocab] logits that put nearly all mass on the given id at each frame."""
+  return jnp.asarray(np.eye(vocab)[frames] * 20.0, jnp.float32)[None]
+
+
+def test_ctc_loss_scores_the_targets_without_eos_with_padding_as_blank():
+  targets = jnp.asarray([[3, 4, 4, decode.EOS_ID, 0, 0]], jnp.int32)  # "3 4 4", EOS, padding
+  mask = jnp.ones((1, 7), bool)
+  right = objective.ctc_loss({"logits": _ctc_logits([3, 0, 4, 4, 0, 4, 0]), "mask": mask}, targets)
+  assert float(right) < 1e-3  # One alignment: 3, blank, 4 4 (merged), blank, 4, blank.
+  for frames in ([3, 0, 4, 4, 4, 0, 0], [3, 0, 4, 0, 4, 0, 1], [4, 0, 3, 0, 4, 0, 4]):
+    wrong = objective.ctc_loss({"logits": _ctc_logits(frames), "mask": mask}, targets)
+    assert float(wrong) > 5.0, frames  # Repeat merged, EOS emitted, order swapped (20 nats / 3).
+  # Frames past the mask are never read; padding examples (weight 0) add nothing.
+  masked = objective.ctc_loss({"logits": _ctc_logits([3, 0, 4, 0, 4, 2, 2]),
+                               "mask": jnp.asarray([[True] * 5 + [False] * 2])}, targets)
+  assert float(masked) < 1e-3
+  both = {"logits": jnp.concatenate([_ctc_logits([3, 0, 4, 0, 4, 0, 0]),
+                                     _ctc_logits([5] * 7)]), "mask": jnp.ones((2, 7), bool)}
+  two = jnp.concatenate([targets, jnp.asarray([[3, 3, 3, 3, 1, 0]], jnp.int32)])
+  assert float(objective.ctc_loss(both, two, jnp.asarray([1.0, 0.0]))) < 1e-3
+  assert float(objective.ctc_loss(both, two)) > 10.0
+
+
+@pytest.mark.parametrize("input_modality", ["audio", "text"])
+def test_ctc_weight_adds_the_encoders_ctc_loss_to_audio_tasks_only(input_modality):
+  rng = np.random.default_rng(7)
+  task = TaskSpec(input_modality, "text", command_id=3)
+  inputs, input_mask = raw_inputs(input_modality, rng)
+  batch = dict(inputs=inputs, input_mask=input_mask, targets=ids(rng, (B, T)))
+  losses = {}
+  for weight in (0.0, 0.5):
+    m = randomize_gates(MultiModel(small_config(ctc_weight=weight), rngs=nnx.Rngs(0)))
+    losses[weight] = objective.loss_fn(m, task, batch, train=False)
+  (loss0, metrics0), (loss1, metrics1) = losses[0.0], losses[0.5]
+  assert "ctc_loss" not in metrics0
+  if input_modality == "text":
+    assert "ctc_loss" not in metrics1 and float(loss1) == float(loss0)
+    return
+  assert float(metrics1["ctc_loss"]) > 0
+  np.testing.assert_allclose(float(loss1), float(loss0) + 0.5 * float(metrics1["ctc_loss"]),
+                             rtol=1e-5)
+  m = MultiModel(small_config(ctc_weight=0.5), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(m)
+  grads = jax.grad(lambda st: objective.loss_fn(nnx.merge(graphdef, st), task, batch,
+                                                train=False)[1]["ctc_loss"])(state)
+  flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)}
+  audio_grad = sum(float(jnp.abs(v[...]).sum()) for k, v in flat.items() if "audio" in k)
+  assert np.isfinite(audio_grad) and audio_grad > 0
 
 
 def test_causality(model):

@@ -386,3 +386,20 @@ def test_negative_eval_no_repeat_ngram_fails_before_training(tmp_path):
     trainer.train_and_evaluate(two_task_config(steps=1, eval_no_repeat_ngram=-1), tmp_path,
                                progress=False)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ctc_loss_is_logged_per_task_that_has_one():
+  """`ctc_loss` (audio tasks with `model.ctc_weight` > 0) is averaged over each task's steps."""
+  window = trainer._Window()  # pylint: disable=protected-access
+
+  def step(ctc=None):
+    m = {"task_loss": 2.0, "moe_loss": 0.01, "nll": 20.0, "correct": 3.0, "weight": 10.0,
+         "expert_load": {}, "expert_dropped": {}}
+    return m if ctc is None else dict(m, ctc_loss=ctc)
+
+  window.add({"speech_en": step(4.0)}, 8, 1.0)
+  window.add({"speech_en": step(2.0)}, 8, 1.0)
+  window.add({"parse_en": step()}, 8, 1.0)
+  record = window.record()
+  assert record["ctc_loss"] == {"speech_en": 3.0}
+  assert record["loss"] == {"speech_en": 2.0, "parse_en": 2.0}

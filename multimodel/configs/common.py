@@ -27,6 +27,9 @@ MODEL = dict(
     # to keys (not to values), so that a decoder position can look up an input position directly
     # rather than through what of the input's timing signal survives the encoder's blocks.
     memory_timing=False,
+    # Audio inputs with text targets: weight of an auxiliary CTC loss on the encoder output,
+    # scored by the text softmax (joint CTC-attention training; `objective.ctc_loss`). 0 = off.
+    ctc_weight=0.0,
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.
     num_experts=8,  # E
@@ -60,6 +63,9 @@ MODEL = dict(
         num_mel_bins=80,
         conv_filters=64,
         conv_layers=2,  # Strided 2-D convs, each halving time and frequency.
+        # Each mel bin of each utterance to zero mean and unit variance over its real frames
+        # (`modalities.audio.normalize_utterance`) before the convs.
+        normalize=False,
     ),
 )
 
