@@ -159,7 +159,7 @@ def test_speech_corrupt_recording(monkeypatch, tmp_path):
 
 def test_caption_features(tmp_path):
   builder = caption_stamps.CaptionStamps(data_dir=str(tmp_path))
-  assert builder.name == "caption_stamps" and str(builder.version) == "1.1.0"
+  assert builder.name == "caption_stamps" and str(builder.version) == "1.0.0"
   image = builder.info.features["image"]
   assert isinstance(image, tfds.features.Image)
   assert image.shape == (64, 64, 3) and image.dtype == np.uint8
@@ -229,7 +229,7 @@ def test_caption_missing_and_corrupt(monkeypatch, tmp_path):
 
 def test_parse_features(tmp_path):
   builder = parse_en.ParseEn(data_dir=str(tmp_path))
-  assert builder.name == "parse_en" and str(builder.version) == "1.1.0"
+  assert builder.name == "parse_en" and str(builder.version) == "1.0.0"
   assert isinstance(builder.info.features["sentence"], tfds.features.Text)
   assert isinstance(builder.info.features["tree"], tfds.features.Text)
 
