@@ -34,10 +34,10 @@ Sized for a budget in which the model sees most training examples about once, so
   on three of the four directions and every sequence task's test log-perplexity lower but
   en->fr's (+0.02); sentiment 0.750 -> 0.720 (docs/results.md, "One encoder block");
 - CTC on the encoder output of speech (`ctc_weight=0.3`), with each utterance's log-mel bins
-  normalised (`audio.normalize`): trained alone for 400 steps, speech read nothing of its audio
-  without it, even on its training domain (validation `input_gain` 0.002), and reads it with it
-  (0.066), its test and validation log-perplexities lower (docs/results.md, "Speech that reads
-  its audio");
+  normalised (`audio.normalize`): trained alone for 400 steps, speech read little or nothing of
+  its audio without it, even on its training domain (validation `input_gain` 0.003-0.023 over two
+  seeds), and 0.059-0.066 with it, its validation log-perplexity 0.08 lower (docs/results.md,
+  "Speech that reads its audio");
 - untied text embeddings (`tie_embeddings=False`): the output softmax has its own matrix, so the
   English input embeddings that sentiment reads are not also the targets of every translation
   step's softmax. Paired with translate_fr_en, sentiment then learns (test accuracy 0.715 against
