@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import itertools
 import logging
-import math
 import os
 import pathlib
 import queue
@@ -31,12 +30,12 @@ import sys
 import unicodedata
 
 import numpy as np
-import scipy.signal
 import soundfile
 import tensorflow_datasets as tfds
 
 from data.builders import base
 from data.errors import SourceError
+from modalities import audio_features
 
 TASK = "speech_en"
 HINT = "bash data/setup_sources.sh"
@@ -118,10 +117,9 @@ def _bucket_split(text: str, buckets: dict[str, tuple[int, int]]) -> str | None:
 def _resample(wav: np.ndarray, rate: int, via: int | None = None) -> np.ndarray:
   """int16 [L] at `rate` -> int16 [L'] at SAMPLE_RATE, through the rate `via` first if given."""
   wav = wav.astype(np.float32)
-  for src, dst in ((rate, via), (via or rate, SAMPLE_RATE)):
-    if dst is not None and src != dst:
-      g = math.gcd(src, dst)
-      wav = scipy.signal.resample_poly(wav, dst // g, src // g)
+  if via is not None:
+    wav, rate = audio_features.resample(wav, rate, via), via
+  wav = audio_features.resample(wav, rate, SAMPLE_RATE)
   return np.clip(np.round(wav), -32768, 32767).astype(np.int16)
 
 
