@@ -6,8 +6,8 @@ Two sources, both offline:
   recording) is in train; the test split holds only these real recordings.
 - "espeak": short World English Bible verses spoken by eSpeak NG, each with a voice, variant, speed
   and pitch drawn from a generator seeded by the text, then band-limited as the real recordings are
-  (through REAL_RATE, 8 kHz: nothing above 4 kHz), so that no frequency band tells the sources apart;
-  train and validation only. Verses equal to an Asterisk transcript are left out.
+  (through REAL_RATE, 8 kHz: nothing above 4 kHz), so that no frequency band tells the sources
+  apart; train and validation only. Verses equal to an Asterisk transcript are left out.
 
 Transcripts hold lower-case letters, apostrophes and single spaces; numbers are spelled out.
 Recordings longer than MAX_SECONDS are left out.
