@@ -1,5 +1,11 @@
 """The optimizer: Adam with the paper's settings, inverse-sqrt ("noam") schedule, global-norm clip.
 
+The schedule may end in a linear cool-down (`train.cooldown_steps`): over the run's last N steps
+the noam rate is multiplied by a factor that falls linearly to zero after the last step, the
+"warmup-stable-decay" shape of Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training
+Beyond Fixed Training Durations"), which closes most of the gap between an inverse-sqrt schedule
+and one annealed to the run's length.
+
 Fine-tuning adds two things (docs/transfer.md): frozen parameters (`train.freeze`, chosen by
 `freeze_mask`), which `make` leaves out of the optimizer, and the L2-SP penalty (`l2sp_penalty`),
 which the train step adds to the loss.
@@ -14,29 +20,65 @@ import jax.numpy as jnp
 import optax
 
 
-def noam_schedule(learning_rate: float, d_model: int, warmup_steps: int) -> optax.Schedule:
-  """lr(step) = learning_rate * D^-0.5 * min(step * warmup^-1.5, step^-0.5), step counted from 1."""
+def noam_schedule(learning_rate: float, d_model: int, warmup_steps: int, total_steps: int = 0,
+                  cooldown_steps: int = 0) -> optax.Schedule:
+  """lr(step) = learning_rate * D^-0.5 * min(step * warmup^-1.5, step^-0.5), step counted from 1.
+
+  With `cooldown_steps` = N > 0, times min(1, (total_steps - step) / N) with step counted from 0:
+  1 up to step total_steps - N, then falling linearly to 1 / N at the last step, total_steps - 1.
+  """
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32) + 1.0
-    return learning_rate * d_model ** -0.5 * jnp.minimum(step * warmup_steps ** -1.5,
-                                                         step ** -0.5)
+    step = jnp.asarray(step, jnp.float32)
+    rate = learning_rate * d_model ** -0.5 * jnp.minimum((step + 1.0) * warmup_steps ** -1.5,
+                                                         (step + 1.0) ** -0.5)
+    if cooldown_steps > 0:
+      rate = rate * jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
+    return rate
 
   return schedule
 
 
-def noam_rate(learning_rate: float, d_model: int, warmup_steps: int, step: int) -> float:
+def noam_rate(learning_rate: float, d_model: int, warmup_steps: int, step: int,
+              total_steps: int = 0, cooldown_steps: int = 0) -> float:
   """`noam_schedule(...)(step)` in plain Python, for logging: no device work, nothing compiled."""
-  step = step + 1.0
-  return learning_rate * d_model ** -0.5 * min(step * warmup_steps ** -1.5, step ** -0.5)
+  rate = learning_rate * d_model ** -0.5 * min((step + 1.0) * warmup_steps ** -1.5,
+                                               (step + 1.0) ** -0.5)
+  if cooldown_steps > 0:
+    rate *= min(max((total_steps - step) / cooldown_steps, 0.0), 1.0)
+  return rate
 
 
 LR_SCHEDULES = ("global", "task")
 
 
+def schedule_args(train_cfg) -> tuple:
+  """(learning_rate, warmup, total steps, cool-down steps) of the run's noam schedule, checked.
+
+  Raises:
+    ValueError: `train.cooldown_steps` negative, longer than the run, or with a per-task schedule
+      (the cool-down counts the run's steps, which a per-task schedule does not).
+  """
+  steps, cooldown = int(train_cfg.steps), int(train_cfg.cooldown_steps)
+  if not 0 <= cooldown <= steps:
+    raise ValueError(f"train.cooldown_steps must be between 0 (off) and train.steps={steps}, got "
+                     f"{cooldown}")
+  if cooldown and train_cfg.lr_schedule != "global":
+    raise ValueError(f"train.cooldown_steps={cooldown} counts the run's steps: it needs "
+                     f"train.lr_schedule='global', got {train_cfg.lr_schedule!r}")
+  return train_cfg.learning_rate, train_cfg.warmup_steps, steps, cooldown
+
+
 def schedule(train_cfg, d_model: int) -> optax.Schedule:
-  """The run's noam schedule (`train.learning_rate`, `train.warmup_steps`)."""
-  return noam_schedule(train_cfg.learning_rate, d_model, train_cfg.warmup_steps)
+  """The run's noam schedule (`train.learning_rate`, `warmup_steps`, `steps`, `cooldown_steps`)."""
+  learning_rate, warmup, steps, cooldown = schedule_args(train_cfg)
+  return noam_schedule(learning_rate, d_model, warmup, steps, cooldown)
+
+
+def rate(train_cfg, d_model: int, step: int) -> float:
+  """`schedule(train_cfg, d_model)(step)` in plain Python, for logging."""
+  learning_rate, warmup, steps, cooldown = schedule_args(train_cfg)
+  return noam_rate(learning_rate, d_model, warmup, step, steps, cooldown)
 
 
 def per_task_schedule(train_cfg) -> bool:

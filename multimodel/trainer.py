@@ -310,6 +310,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   use_gradnorm = _check_loss_weighting(train_cfg, train_cfg.step_mode if mixture is None
                                        else mixture.mode)
   per_task_lr = optim.per_task_schedule(train_cfg)
+  optim.schedule_args(train_cfg)  # A bad cool-down fails now, not at the first step.
 
   ckpts = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints,
                                  every=train_cfg.checkpoint_every)
@@ -531,10 +532,10 @@ def _check_loss_weighting(train_cfg, step_mode: str) -> bool:
 def _logged_rates(train_cfg, d_model: int, step: int, task_steps: dict[str, int] | None):
   """The learning rate of the last step; with `lr_schedule="task"` that of each task's last step
   ({task: rate}, tasks not yet trained left out). Plain Python: nothing compiles."""
+  if task_steps is None:
+    return optim.rate(train_cfg, d_model, step - 1)
   rate = functools.partial(optim.noam_rate, train_cfg.learning_rate, d_model,
                            train_cfg.warmup_steps)
-  if task_steps is None:
-    return rate(step - 1)
   return {name: rate(count - 1) for name, count in task_steps.items() if count > 0}
 
 

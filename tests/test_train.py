@@ -340,6 +340,39 @@ def test_logged_learning_rate_is_the_schedule_without_device_work():
     assert rate == pytest.approx(float(schedule(step)), rel=1e-6)
 
 
+def test_cooldown_falls_linearly_to_zero_over_the_last_steps():
+  """With N cool-down steps of T, the rate is noam's up to step T - N, then noam's times
+  (T - step) / N: 1 / N of noam's at the last step, T - 1."""
+  noam = optim.noam_schedule(0.3, 256, 300)
+  cooled = optim.noam_schedule(0.3, 256, 300, total_steps=6500, cooldown_steps=1300)
+  for step in (0, 299, 3000, 5200):
+    assert float(cooled(step)) == pytest.approx(float(noam(step)), rel=1e-6)
+  for step in (5201, 5850, 6499):
+    assert float(cooled(step)) == pytest.approx(float(noam(step)) * (6500 - step) / 1300, rel=1e-5)
+    assert optim.noam_rate(0.3, 256, 300, step, 6500, 1300) == pytest.approx(float(cooled(step)),
+                                                                          rel=1e-5)
+  assert float(cooled(6500)) == 0.0
+  rates = [float(cooled(s)) for s in range(5200, 6500)]
+  assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_cooldown_run_logs_its_rates_and_bad_values_fail(tmp_path, monkeypatch):
+  tiny_data.use(monkeypatch)
+  config = two_task_config(steps=4, warmup_steps=2, cooldown_steps=2)
+  trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+  logged = [r["learning_rate"] for r in writer.read(tmp_path / "run")]
+  noam = lambda step: optim.noam_rate(config.train.learning_rate, 32, 2, step)
+  assert logged == pytest.approx([noam(0), noam(1), noam(2) * 2 / 2, noam(3) * 1 / 2])
+  bad = ((dict(cooldown_steps=5), r"between 0 \(off\) and train.steps=4, got 5"),
+         (dict(cooldown_steps=-1), "got -1"),
+         (dict(cooldown_steps=2, lr_schedule="task"), "needs train.lr_schedule='global', got 'task'"))
+  for overrides, message in bad:
+    with pytest.raises(ValueError, match=f"train.cooldown_steps.*{message}"):
+      trainer.train_and_evaluate(two_task_config(steps=4, **overrides), tmp_path / "bad",
+                                 progress=False)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_per_task_schedule_alone_equals_the_global_one(tmp_path, monkeypatch):
   """One task: its own step count is the run's, so both schedules give the same parameters."""
   tiny_data.use(monkeypatch)

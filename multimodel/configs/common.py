@@ -86,6 +86,10 @@ TRAIN = dict(
     # being trained so far, kept in the state): with one task per step, every task then follows
     # the schedule it would follow alone (experiments/findings.py compares the two).
     lr_schedule="global",
+    # Steps at the end of the run over which the noam rate falls linearly to zero (0 = none; a
+    # warmup-stable-decay schedule, multimodel/optim.py). Counts the run's steps: needs
+    # lr_schedule="global".
+    cooldown_steps=0,
     adam_b1=0.85,
     adam_b2=0.997,
     adam_eps=1e-6,
