@@ -406,9 +406,9 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   # ---- Loop. ----
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  metrics_writer = writer.MetricsWriter(workdir, enabled=is_main)
   base_rng = jax.random.wrap_key_data(np.asarray(jax.device_get(state["rng"])))  # Not donated.
   step = int(jax.device_get(state["step"]))
+  metrics_writer = writer.MetricsWriter(workdir, enabled=is_main, resume_step=step or None)
   total = train_cfg.steps
   bar = _progress(total, step, progress and is_main)
   window, in_a_row = _Window(), 0

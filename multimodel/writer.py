@@ -25,14 +25,29 @@ def _scalars(record: dict, prefix: str = ""):
 
 
 class MetricsWriter:
-  """Appends records to metrics.jsonl and TensorBoard; only process 0 writes."""
+  """Appends records to metrics.jsonl and TensorBoard; only process 0 writes.
 
-  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+  A run resumed at step s (its last checkpoint) may have logged past s before it stopped: those
+  records are dropped from metrics.jsonl, and a SessionLog START event at s + 1 makes TensorBoard
+  discard its events from s + 1 on (its `purge_orphaned_data`), so that the steps trained again
+  appear once.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      if resume_step is not None and self.path.exists():
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
       self.events = EventFileWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      if resume_step is not None:
+        self.events.add_event(event_pb2.Event(
+            wall_time=time.time(), step=resume_step + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write(self, step: int, record: dict) -> None:
     if not self.enabled:

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from data import tasks as tasks_lib
 from data.mixture import Mixture
@@ -123,6 +124,26 @@ def test_exact_resume_after_sigkill(straight_run, env, tmp_path):
   result = run(cmd, environ)
   assert result.returncode == 0, result.stderr[-4000:]
   assert_same_params(final_params(tmp_path), final_params(reference))
+  assert [r["step"] for r in writer.read(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resumed_metrics_keep_each_step_once(tmp_path):
+  """Records logged past the checkpoint a run resumes from are dropped from metrics.jsonl and,
+  through a SessionLog START event, from what TensorBoard loads."""
+  first = writer.MetricsWriter(tmp_path)
+  for step in range(1, 6):
+    first.write(step, {"loss": {"t": float(step)}})
+  first.close()
+  second = writer.MetricsWriter(tmp_path, resume_step=3)
+  for step in (4, 5, 6):
+    second.write(step, {"loss": {"t": 10.0 * step}})
+  second.close()
+  assert [(r["step"], r["loss"]["t"]) for r in writer.read(tmp_path)] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss/t")] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
 
 
 def test_sigterm_saves_a_checkpoint(env, tmp_path):
