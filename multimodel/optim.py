@@ -3,8 +3,9 @@
 The schedule may end in a linear cool-down (`train.cooldown_steps`): over the run's last N steps
 the noam rate is multiplied by a factor that falls linearly to zero after the last step, the
 "warmup-stable-decay" shape of Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training
-Beyond Fixed Training Durations"), which closes most of the gap between an inverse-sqrt schedule
-and one annealed to the run's length.
+Beyond Fixed Training Durations"), which in their language-model runs closes most of the gap
+between an inverse-sqrt schedule and one annealed to the run's length. In our main job it helps
+the image classifiers and costs translation (docs/results.md, "Annealing the end of the run").
 
 Fine-tuning adds two things (docs/transfer.md): frozen parameters (`train.freeze`, chosen by
 `freeze_mask`), which `make` leaves out of the optimizer, and the L2-SP penalty (`l2sp_penalty`),
