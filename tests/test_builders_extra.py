@@ -42,13 +42,14 @@ def _balanced(tree: str) -> bool:
 
 @pytest.fixture(name="small_speech")
 def fixture_small_speech(monkeypatch):
-  """Few synthesised utterances per split; all real recordings."""
+  """Few synthesised utterances per split; all real recordings; one eSpeak reading of each."""
   monkeypatch.setattr(speech_en, "SYNTH_SIZES", {"train": 12, "validation": 4, "test": 0})
+  monkeypatch.setattr(speech_en, "PROMPT_READINGS", {"train": 1, "validation": 0, "test": 0})
 
 
 def test_speech_features(tmp_path):
   builder = speech_en.SpeechEn(data_dir=str(tmp_path))
-  assert builder.name == "speech_en" and str(builder.version) == "1.1.0"
+  assert builder.name == "speech_en" and str(builder.version) == "1.2.0"
   audio = builder.info.features["audio"]
   assert isinstance(audio, tfds.features.Audio)
   assert audio.shape == (None,) and audio.dtype == np.int16 and audio.sample_rate == 16000
@@ -86,6 +87,28 @@ def test_speech_test_split_is_real_and_unseen_in_train(small_speech):
   assert not test_texts & {ex["text"] for ex in train.values()}
   # No synthesised verse of either split equals a real test transcript.
   assert not test_texts & set(speech_en.verse_texts(exclude=set()))
+  # eSpeak reads each train recording's transcript (PROMPT_READINGS["train"] = 1 here), and only
+  # those: the real speaker's test and validation transcripts are never spoken in train.
+  real_train = {ex["text"] for key, ex in train.items() if key.startswith("asterisk/")}
+  prompts = [ex for key, ex in train.items() if key.startswith("espeak_prompt/")]
+  assert {ex["source"] for ex in prompts} == {"espeak"}
+  assert {ex["text"] for ex in prompts} == real_train
+  assert not any(key.startswith("espeak_prompt/") for key in validation)
+
+
+def test_speech_prompt_readings_differ_in_voice(monkeypatch):
+  monkeypatch.setattr(speech_en, "PROMPT_READINGS", {"train": 3, "validation": 0, "test": 0})
+  recordings = speech_en.real_recordings()[:40]
+  got = list(speech_en._prompt_examples("train", recordings))  # pylint: disable=protected-access
+  texts = {text for _, _, text in recordings if speech_en.real_split(text) == "train"}
+  assert texts and len(got) == 3 * len(texts)
+  by_text = {}
+  for key, ex in got:
+    by_text.setdefault(ex["text"], []).append((key, ex["audio"]))
+  for text, readings in by_text.items():
+    assert len({key for key, _ in readings}) == 3
+    assert len({speech_en.voice_of(text, r) for r in (1, 2, 3)}) == 3
+    assert len({audio.tobytes() for _, audio in readings}) == 3  # Three different recordings.
 
 
 def test_speech_is_deterministic(small_speech):

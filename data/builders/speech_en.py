@@ -7,7 +7,10 @@ Two sources, both offline:
 - "espeak": short World English Bible verses spoken by eSpeak NG, each with a voice, variant, speed
   and pitch drawn from a generator seeded by the text, then band-limited as the real recordings are
   (through REAL_RATE, 8 kHz: nothing above 4 kHz), so that no frequency band tells the sources
-  apart; train and validation only. Verses equal to an Asterisk transcript are left out.
+  apart; train and validation only. Verses equal to an Asterisk transcript are left out. In train,
+  eSpeak also reads each train recording's transcript PROMPT_READINGS times, in as many voices: the
+  prompts' words and length in voices other than the one real speaker's (never a transcript of
+  another split).
 
 Transcripts hold lower-case letters, apostrophes and single spaces; numbers are spelled out.
 Recordings longer than MAX_SECONDS are left out.
@@ -48,6 +51,7 @@ MAX_SECONDS = 8.0
 MIN_WORDS, MAX_WORDS = 3, 20
 SPLITS = ("train", "validation", "test")
 SYNTH_SIZES = {"train": 3000, "validation": 300, "test": 0}
+PROMPT_READINGS = {"train": 4, "validation": 0, "test": 0}  # eSpeak readings of each real transcript.
 SYNTH_WORKERS = max(1, min(4, os.cpu_count() or 1))  # eSpeak NG server processes.
 # Share of the hash space (hundredths) of real recordings per split, keyed by transcript.
 _REAL_BUCKETS = {"test": (0, 35), "validation": (35, 45), "train": (45, 100)}
@@ -175,9 +179,14 @@ def real_recordings() -> list[tuple[str, pathlib.Path, str]]:
   return found
 
 
+def real_split(text: str) -> str:
+  """The split of the real recordings with this transcript (fixed by the transcript's hash)."""
+  return _bucket_split(text, _REAL_BUCKETS)
+
+
 def _real_examples(split: str, recordings) -> Iterator[tuple[str, dict]]:
   for name, path, text in recordings:
-    if _bucket_split(text, _REAL_BUCKETS) != split:
+    if real_split(text) != split:
       continue
     try:
       wav, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
@@ -225,9 +234,12 @@ def verse_transcript(verse: str) -> str | None:
   return normalize(verse.translate(str.maketrans("", "", "[]()")))
 
 
-def voice_of(text: str) -> tuple[str, int, int]:
-  """(voice+variant, words per minute, pitch) drawn from a generator seeded by the text."""
-  rng = np.random.default_rng(_hash(text))
+def voice_of(text: str, reading: int = 0) -> tuple[str, int, int]:
+  """(voice+variant, words per minute, pitch) drawn from a generator seeded by the text.
+
+  `reading` > 0 draws another voice for another reading of the same text.
+  """
+  rng = np.random.default_rng(_hash(text if reading == 0 else f"{text}#{reading}"))
   accent = ACCENTS[rng.integers(len(ACCENTS))]
   variant = VARIANTS[rng.integers(len(VARIANTS))]
   rate = int(rng.integers(RATES[0], RATES[1] + 1))
@@ -235,8 +247,11 @@ def voice_of(text: str) -> tuple[str, int, int]:
   return f"{accent}+{variant}", rate, pitch
 
 
-def _speak_all(texts: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (text, int16 [L] at SAMPLE_RATE) in order; SYNTH_WORKERS servers speak at once."""
+def _speak_all(requests: Iterable[tuple[str, int]]) -> Iterator[tuple[str, int, np.ndarray]]:
+  """(text, reading) -> yields (text, reading, int16 [L] at SAMPLE_RATE) in order.
+
+  The voice is `voice_of(text, reading)`; SYNTH_WORKERS servers speak at once.
+  """
   from data.builders import espeak  # pylint: disable=import-outside-toplevel
   idle: queue.SimpleQueue = queue.SimpleQueue()
   servers = []
@@ -250,20 +265,20 @@ def _speak_all(texts: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     raise SourceError(TASK, "espeakng_loader/libespeak-ng.so (pip espeakng-loader)", str(e),
                       HINT) from e
 
-  def speak(text: str) -> tuple[str, np.ndarray]:
+  def speak(text: str, reading: int) -> tuple[str, int, np.ndarray]:
     server = idle.get()
     try:
-      voice, rate, pitch = voice_of(text)
+      voice, rate, pitch = voice_of(text, reading)
       wav = server.speak(text, voice, rate, pitch)
-      return text, _resample(wav, server.sample_rate, via=REAL_RATE)
+      return text, reading, _resample(wav, server.sample_rate, via=REAL_RATE)
     finally:
       idle.put(server)
 
   try:
     with concurrent.futures.ThreadPoolExecutor(SYNTH_WORKERS) as executor:
       pending = collections.deque()
-      for text in texts:
-        pending.append(executor.submit(speak, text))
+      for text, reading in requests:
+        pending.append(executor.submit(speak, text, reading))
         if len(pending) >= 4 * SYNTH_WORKERS:
           yield pending.popleft().result()
       while pending:
@@ -279,7 +294,7 @@ def _synth_examples(split: str, exclude: set[str]) -> Iterator[tuple[str, dict]]
     return
   texts = (t for t in verse_texts(exclude) if _bucket_split(t, _SYNTH_BUCKETS) == split)
   count = too_long = 0
-  for text, audio in _speak_all(texts):
+  for text, _, audio in _speak_all((t, 0) for t in texts):
     if len(audio) > MAX_SECONDS * SAMPLE_RATE:
       too_long += 1
       continue
@@ -291,25 +306,38 @@ def _synth_examples(split: str, exclude: set[str]) -> Iterator[tuple[str, dict]]
                MAX_SECONDS)
 
 
+def _prompt_examples(split: str, recordings) -> Iterator[tuple[str, dict]]:
+  """eSpeak readings (PROMPT_READINGS[split] voices) of the split's real transcripts."""
+  texts = sorted({text for _, _, text in recordings if real_split(text) == split}, key=_hash)
+  requests = [(text, reading) for text in texts for reading in range(1, PROMPT_READINGS[split] + 1)]
+  if not requests:
+    return
+  for text, reading, audio in _speak_all(requests):
+    if len(audio) <= MAX_SECONDS * SAMPLE_RATE:
+      yield (f"espeak_prompt/{_hash(text):016x}/{reading}",
+             {"audio": audio, "text": text, "source": "espeak"})
+
+
 def examples(split: str) -> Iterator[tuple[str, dict]]:
   """Yields (key, {"audio": int16 [L] at 16 kHz, "text", "source"}), real and synthesised in turn."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}")
   recordings = real_recordings()
   exclude = {text for _, _, text in recordings}
-  real = _real_examples(split, recordings)
-  synthesised = _synth_examples(split, exclude)
-  for pair in itertools.zip_longest(real, synthesised):
-    yield from (example for example in pair if example is not None)
+  sources = (_real_examples(split, recordings), _prompt_examples(split, recordings),
+             _synth_examples(split, exclude))
+  for group in itertools.zip_longest(*sources):
+    yield from (example for example in group if example is not None)
 
 
 class SpeechEn(base.OfflineBuilder):
   """English speech, real (Asterisk prompts) and synthesised (eSpeak NG), with transcripts."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Synthesised speech band-limited to 4 kHz like the real recordings.",
+      "1.2.0": "Train adds eSpeak readings of the train recordings' transcripts.",
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
