@@ -68,6 +68,15 @@ class Tokenizer:
     """Number of pieces (ids are in [0, vocab_size))."""
     return self._sp.get_piece_size()
 
+  def piece(self, piece_id: int) -> str:
+    """The text of a piece, its word-start mark as a space ("\u2581the" -> " the")."""
+    return self._sp.id_to_piece(piece_id).replace("\u2581", " ")
+
+  def is_control_or_byte(self, piece_id: int) -> bool:
+    """True for padding, EOS, unknown and the byte-fallback pieces ("<0x41>")."""
+    return bool(self._sp.is_control(piece_id) or self._sp.is_unknown(piece_id)
+                or self._sp.is_byte(piece_id))
+
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without EOS."""
     return self._sp.encode(text, out_type=int)

@@ -46,6 +46,18 @@ def pre_norm(cfg) -> bool:
 
 
 LABEL_HEADS = ("pool", "decoder")
+CTC_UNITS = ("pieces", "chars")
+# The labels of a CTC loss over characters (`ctc_units="chars"`): label i + 1 is CTC_ALPHABET[i],
+# 0 is the blank. Letters and apostrophes only: our speech transcripts hold nothing else but
+# spaces, which CTC does not need in order to read the audio.
+CTC_ALPHABET = "abcdefghijklmnopqrstuvwxyz'"
+
+
+def ctc_units(cfg) -> str:
+  """`model.ctc_units`, checked."""
+  if cfg.ctc_units not in CTC_UNITS:
+    raise ValueError(f"model.ctc_units must be one of {CTC_UNITS}, got {cfg.ctc_units!r}")
+  return cfg.ctc_units
 
 
 def label_head(cfg) -> str:
@@ -216,7 +228,7 @@ class MultiModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.d_model, self.dtype, self.label_smoothing = cfg.d_model, dtype, cfg.label_smoothing
     self.target_word_dropout = cfg.target_word_dropout
-    self.ctc_weight = cfg.ctc_weight
+    self.ctc_weight, self.ctc_units = cfg.ctc_weight, ctc_units(cfg)
     self.label_head = label_head(cfg)
     self.modalities = nnx.Dict({name: modalities.build(name, cfg, **kw) for name in modality_names})
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, sharding.EMBED))
@@ -225,6 +237,11 @@ class MultiModel(nnx.Module):
     self.mixer = Mixer(cfg, **kw)
     self.decoder = Decoder(cfg, **kw)
     self.dropout = nnx.Dropout(cfg.dropout)
+    # The CTC loss's own softmax when it is over characters (the blank and CTC_ALPHABET).
+    self.ctc_head = nnx.Linear(
+        cfg.d_model, 1 + len(CTC_ALPHABET), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (sharding.EMBED, None))
+    ) if cfg.ctc_weight > 0 and self.ctc_units == "chars" else None
 
   def _modality(self, name):
     if name not in self.modalities:
@@ -268,7 +285,8 @@ class MultiModel(nnx.Module):
       aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets read by
         `label_head="pool"`), and for audio inputs with text targets when `ctc_weight` > 0,
         "ctc": {"logits": the text softmax applied to the encoder output [B, S', V] (id 0, the
-        padding id, is CTC's blank), "mask": bool [B, S']}: `objective.ctc_loss` reads it.
+        padding id, is CTC's blank), or with `ctc_units="chars"` the CTC head's [B, S', 28]
+        (the blank and CTC_ALPHABET), "mask": bool [B, S']}: `objective.ctc_loss` reads it.
     """
     enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
     target = self._modality(task.target_modality)
@@ -289,7 +307,9 @@ class MultiModel(nnx.Module):
     if target.autoregressive:
       if self.ctc_weight > 0 and task.input_modality == "audio":
         mask = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
-        aux["ctc"] = {"logits": target.logits(enc), "mask": mask}
+        logits = (target.logits(enc) if self.ctc_head is None
+                  else self.ctc_head(enc).astype(jnp.float32))
+        aux["ctc"] = {"logits": logits, "mask": mask}
       return target.logits(h), aux
     return target.logits(h[:, 0], task.num_classes, task.label_offset), aux
 

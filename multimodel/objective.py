@@ -6,11 +6,12 @@ loss = target modality's loss (mean over real target positions) + MoE balancing 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from multimodel.decode import EOS_ID
-from multimodel.model import MultiModel, TaskSpec
+from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec
 
 Array = jax.Array
 
@@ -32,36 +33,74 @@ def dropped_fractions(aux: dict) -> dict:
           if "dropped_fraction" in layer}
 
 
-def ctc_loss(ctc: dict, targets: Array, weights: Array | None = None) -> Array:
-  """CTC loss per target token of the encoder's own predictions (`aux["ctc"]` of the model).
+def ctc_char_table(tokenizer, max_chars: int = 16) -> np.ndarray:
+  """int32 [V, max_chars]: the CTC_ALPHABET labels of each piece's letters, lower-cased, 0-padded.
 
-  The targets without their end-of-sequence token are the label sequences; id 0 (padding) is the
-  blank. Joint CTC-attention training (Kim, Hori and Watanabe 2017): the CTC loss can only be
-  lowered by reading the audio in order, which the attention decoder alone learns late, after it
-  has learnt to predict the next token from the previous ones.
+  What a piece holds outside the alphabet (its word-start mark, digits, other scripts) has no
+  label; control and byte pieces have none at all. `ctc_char_labels` reads it.
+  """
+  index = {c: i + 1 for i, c in enumerate(CTC_ALPHABET)}
+  table = np.zeros((tokenizer.vocab_size, max_chars), np.int32)
+  for piece_id in range(tokenizer.vocab_size):
+    if tokenizer.is_control_or_byte(piece_id):
+      continue
+    labels = [index[c] for c in tokenizer.piece(piece_id).lower() if c in index][:max_chars]
+    table[piece_id, :len(labels)] = labels
+  return table
+
+
+def ctc_char_labels(targets: Array, table: Array) -> Array:
+  """Piece ids [B, T] (0 = padding) -> their characters' labels [B, T * K], left-aligned, 0-padded."""
+  chars = jnp.asarray(table)[targets].reshape(targets.shape[0], -1)  # [B, T * K]
+  real = chars != 0
+  position = jnp.where(real, jnp.cumsum(real, axis=1) - 1, chars.shape[1])  # Padding: dropped.
+  rows = jnp.arange(chars.shape[0])[:, None]
+  return jnp.zeros_like(chars).at[rows, position].set(chars, mode="drop")
+
+
+def ctc_loss(ctc: dict, targets: Array, weights: Array | None = None,
+             char_table: Array | None = None) -> Array:
+  """CTC loss per label of the encoder's own predictions (`aux["ctc"]` of the model).
+
+  The labels are the targets without their end-of-sequence token (id 0, padding, is the blank),
+  or with `char_table` (`ctc_char_table`) their characters. Joint CTC-attention training (Kim,
+  Hori and Watanabe 2017): the CTC loss can only be lowered by reading the audio in order, which
+  the attention decoder alone learns late, after it has learnt to predict the next token from
+  the previous ones. A sequence with more labels (plus repeats, which need a blank between them)
+  than frames has no alignment: it is left out (PyTorch's `zero_infinity`), since its loss would
+  only be optax's stand-in for infinity.
 
   Args:
-    ctc: {"logits": float [B, S, V], "mask": bool [B, S]}.
+    ctc: {"logits": float [B, S, L], "mask": bool [B, S]}.
     targets: int [B, T], 0 = padding, ending in EOS.
     weights: float [B] or None (0 for the padding examples of a last eval batch).
+    char_table: None (the labels are the pieces: L = V) or int [V, K] (`ctc_char_table`).
   """
   labels = jnp.where(targets == EOS_ID, 0, targets)
+  if char_table is not None:
+    labels = ctc_char_labels(labels, char_table)
+  real = labels != 0
   per_seq = optax.ctc_loss(ctc["logits"], 1.0 - ctc["mask"].astype(jnp.float32), labels,
-                           (labels == 0).astype(jnp.float32), blank_id=0)  # [B]
-  tokens = (labels != 0).sum(-1).astype(jnp.float32)  # [B]
+                           (~real).astype(jnp.float32), blank_id=0)  # [B]
+  needed = real.sum(-1) + ((labels[:, 1:] == labels[:, :-1]) & real[:, 1:]).sum(-1)  # [B]
+  keep = (needed <= ctc["mask"].sum(-1)).astype(jnp.float32)
   if weights is not None:
-    per_seq, tokens = per_seq * weights, tokens * weights
-  return per_seq.sum() / jnp.maximum(tokens.sum(), 1.0)
+    keep = keep * weights
+  count = real.sum(-1).astype(jnp.float32) * keep  # [B]
+  return jnp.where(keep > 0, per_seq, 0.0).sum() / jnp.maximum(count.sum(), 1.0)
 
 
 def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
-            rngs: nnx.Rngs | None = None) -> tuple[Array, dict]:
+            rngs: nnx.Rngs | None = None,
+            ctc_char_table: np.ndarray | None = None) -> tuple[Array, dict]:
   """(scalar loss, metrics) of one task's batch.
 
   batch: `inputs`, `targets`, optional `input_mask` and `example_mask` (bool [B], False for the
   padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`,
   and `correct_top5` for label targets), so that evaluation can add them over batches, plus
-  `task_loss`, `moe_loss`, `expert_load` and `expert_dropped`.
+  `task_loss`, `moe_loss`, `expert_load` and `expert_dropped`, and `ctc_loss` where the model
+  scores one. A model whose CTC loss is over characters (`model.ctc_units="chars"`) scores it
+  only when given the run's `ctc_char_table` (the train step is; evaluation does not need it).
   """
   logits, aux = model(task, batch["inputs"], batch["targets"], batch.get("input_mask"),
                       train=train, rngs=rngs)
@@ -74,8 +113,9 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   metrics = dict(sums, task_loss=task_loss, moe_loss=moe_loss, expert_load=expert_loads(aux),
                  expert_dropped=dropped_fractions(aux))
   extra = moe_loss
-  if "ctc" in aux:
-    metrics["ctc_loss"] = ctc_loss(aux["ctc"], batch["targets"], weights)
+  if "ctc" in aux and (model.ctc_units == "pieces" or ctc_char_table is not None):
+    table = ctc_char_table if model.ctc_units == "chars" else None
+    metrics["ctc_loss"] = ctc_loss(aux["ctc"], batch["targets"], weights, table)
     extra = extra + model.ctc_weight * metrics["ctc_loss"]
   if logits.ndim == 2:  # Class labels: also count top-5 hits.
     k = min(5, logits.shape[-1])

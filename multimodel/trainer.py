@@ -98,7 +98,8 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
                graphdef, tx: optax.GradientTransformation,
                tasks: tuple[tuple[str, TaskSpec], ...], frozen: tuple[bool, ...] | None = None,
                l2sp: float = 0.0, gradnorm: tuple | None = None,
-               task_schedule: tuple | None = None) -> tuple[dict, dict]:
+               task_schedule: tuple | None = None,
+               ctc_char_table: np.ndarray | None = None) -> tuple[dict, dict]:
   """One optimizer step on the weighted sum of the losses of `tasks` (one task: weight 1).
 
   A step whose loss or gradient is not finite leaves params, optimizer state and GradNorm weights
@@ -117,12 +118,14 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
       `train.lr_schedule="task"`: `tx` gives Adam's directions, the rate is `schedule` at the
       count `state["task_steps"]` (one per task of the run, sorted) holds for the step's tasks
       `ids` (equal counts with the all-tasks step), and those counts advance.
+    ctc_char_table: the run's `objective.ctc_char_table` when its CTC loss is over characters.
   """
 
   def task_loss(params, i):
     name, spec = tasks[i]
     return objective.loss_fn(nnx.merge(graphdef, params), spec, batches[name], train=True,
-                             rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)))
+                             rngs=nnx.Rngs(dropout=jax.random.fold_in(rng, i)),
+                             ctc_char_table=ctc_char_table)
 
   def l2sp_penalty(params):
     return optim.l2sp_penalty(params, state["l2sp"]["anchor"], state["l2sp"]["weight"], l2sp)
@@ -388,6 +391,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
 
   sorted_names = sorted(task_names)
   schedule = optim.schedule(train_cfg, config.model.d_model)
+  char_table = (objective.ctc_char_table(tokenizer) if tokenizer is not None
+                and config.model.ctc_weight > 0 and config.model.ctc_units == "chars" else None)
 
   def step_fn(names: tuple[str, ...]):
     if names not in step_fns:
@@ -398,7 +403,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
           functools.partial(train_step, graphdef=graphdef, tx=tx, tasks=specs,
                             frozen=tuple(frozen) if any(frozen) else None,
                             l2sp=float(train_cfg.l2sp), gradnorm=gradnorm,
-                            task_schedule=task_schedule),
+                            task_schedule=task_schedule, ctc_char_table=char_table),
           in_shardings=(state_sharding, NamedSharding(mesh, P("data")), replicated, replicated),
           out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return step_fns[names]

@@ -11,7 +11,7 @@ from flax import nnx
 from modalities import audio
 from multimodel import attention, decode, objective, optim, trainer
 from multimodel.configs import common, paper
-from multimodel.model import MultiModel, TaskSpec
+from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec
 
 B, S, T = 2, 9, 7
 
@@ -284,6 +284,74 @@ def test_ctc_loss_scores_the_targets_without_eos_with_padding_as_blank():
   two = jnp.concatenate([targets, jnp.asarray([[3, 3, 3, 3, 1, 0]], jnp.int32)])
   assert float(objective.ctc_loss(both, two, jnp.asarray([1.0, 0.0]))) < 1e-3
   assert float(objective.ctc_loss(both, two)) > 10.0
+
+
+def test_ctc_loss_leaves_out_sequences_with_no_alignment():
+  """More labels (plus repeats, which need a blank between them) than frames: no CTC path."""
+  logits = _ctc_logits([3, 0, 4, 0, 4, 0])
+  ctc = {"logits": jnp.concatenate([logits, logits]), "mask": jnp.ones((2, 6), bool)}
+  fits = jnp.asarray([[3, 4, 4, decode.EOS_ID, 0]], jnp.int32)  # 3 labels + 1 repeat <= 6 frames.
+  too_long = jnp.asarray([[3, 3, 3, 3, decode.EOS_ID]], jnp.int32)  # 4 labels + 3 repeats > 6.
+  alone = objective.ctc_loss({k: v[:1] for k, v in ctc.items()}, fits)
+  assert float(alone) < 1e-3
+  # The impossible sequence adds neither loss nor labels; with only it, the loss is 0.
+  np.testing.assert_allclose(float(objective.ctc_loss(ctc, jnp.concatenate([fits, too_long]))),
+                             float(alone), atol=1e-6)
+  assert float(objective.ctc_loss({k: v[1:] for k, v in ctc.items()}, too_long)) == 0.0
+
+
+class _Pieces:
+  """A tokenizer of five pieces: the controls, then "\u2581Ab", "c'd" and "<0x41>" (a byte)."""
+
+  vocab_size = 6
+  _pieces = {3: " Ab", 4: "c'd", 5: "<0x41>"}
+
+  def piece(self, i):
+    return self._pieces[i]
+
+  def is_control_or_byte(self, i):
+    return i < 3 or i == 5
+
+
+def test_ctc_char_table_and_labels():
+  table = objective.ctc_char_table(_Pieces(), max_chars=4)
+  index = lambda c: CTC_ALPHABET.index(c) + 1
+  np.testing.assert_array_equal(table[3], [index("a"), index("b"), 0, 0])  # Lower-cased, no space.
+  np.testing.assert_array_equal(table[4], [index("c"), index("'"), index("d"), 0])
+  assert not table[[0, 1, 2, 5]].any()
+  targets = jnp.asarray([[3, 4, 0, 0], [4, 0, 0, 0]], jnp.int32)
+  labels = np.asarray(objective.ctc_char_labels(targets, table))
+  assert labels.shape == (2, 16)
+  np.testing.assert_array_equal(labels[0, :6], [index(c) for c in "abc'd"] + [0])
+  np.testing.assert_array_equal(labels[1, :4], [index(c) for c in "c'd"] + [0])
+  assert not labels[:, 6:].any()
+  # The loss over characters scores those labels: one frame per character, blanks between.
+  frames = [index("a"), 0, index("b"), 0, index("c"), index("'"), index("d")]
+  ctc = {"logits": _ctc_logits(frames, vocab=1 + len(CTC_ALPHABET)), "mask": jnp.ones((1, 7), bool)}
+  assert float(objective.ctc_loss(ctc, targets[:1], char_table=table)) < 1e-3
+  assert float(objective.ctc_loss(ctc, targets[1:], char_table=table)) > 5.0
+
+
+def test_ctc_over_chars_has_its_own_head_and_needs_the_table():
+  rng = np.random.default_rng(7)
+  task = TaskSpec("audio", "text", command_id=1)
+  inputs, input_mask = raw_inputs("audio", rng)  # 40 frames: 10 after the audio net's strides.
+  targets = jnp.asarray([[5, 6, 1, 0, 0, 0, 0], [7, 1, 0, 0, 0, 0, 0]], jnp.int32)
+  batch = dict(inputs=inputs, input_mask=input_mask, targets=targets)
+  m = MultiModel(small_config(ctc_weight=0.5, ctc_units="chars"), rngs=nnx.Rngs(0))
+  assert m.ctc_head.kernel.shape == (32, 1 + len(CTC_ALPHABET))
+  assert MultiModel(small_config(ctc_weight=0.5), rngs=nnx.Rngs(0)).ctc_head is None
+  _, aux = m(task, batch["inputs"], batch["targets"], batch["input_mask"])
+  assert aux["ctc"]["logits"].shape[-1] == 1 + len(CTC_ALPHABET)
+  table = np.zeros((64, 4), np.int32)
+  table[3:] = [1, 2, 0, 0]  # Every piece but the controls reads "ab".
+  loss0, metrics0 = objective.loss_fn(m, task, batch, train=False)
+  loss1, metrics1 = objective.loss_fn(m, task, batch, train=False, ctc_char_table=table)
+  assert "ctc_loss" not in metrics0 and float(metrics1["ctc_loss"]) > 0
+  np.testing.assert_allclose(float(loss1), float(loss0) + 0.5 * float(metrics1["ctc_loss"]),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="model.ctc_units must be one of"):
+    MultiModel(small_config(ctc_weight=0.5, ctc_units="words"), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("input_modality", ["audio", "text"])

@@ -94,3 +94,13 @@ def test_trained_on_the_text_of_every_text_task(tok, monkeypatch):
 def test_missing_model_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="data.prepare"):
     tokenizer_lib.Tokenizer.load(tmp_path / "nothing.model")
+
+
+def test_piece_text_and_control_or_byte_pieces(tok):
+  ids = tok.encode("press one")
+  assert "".join(tok.piece(i) for i in ids) == " press one"
+  assert all(tok.is_control_or_byte(i) for i in (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID,
+                                                 tokenizer_lib.UNK_ID))
+  assert not any(tok.is_control_or_byte(i) for i in ids)
+  byte_ids = [i for i in tok.encode("東") if tok.is_control_or_byte(i)]
+  assert byte_ids and all(tok.piece(i).startswith("<0x") for i in byte_ids)

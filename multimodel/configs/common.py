@@ -27,9 +27,12 @@ MODEL = dict(
     # to keys (not to values), so that a decoder position can look up an input position directly
     # rather than through what of the input's timing signal survives the encoder's blocks.
     memory_timing=False,
-    # Audio inputs with text targets: weight of an auxiliary CTC loss on the encoder output,
-    # scored by the text softmax (joint CTC-attention training; `objective.ctc_loss`). 0 = off.
+    # Audio inputs with text targets: weight of an auxiliary CTC loss on the encoder output
+    # (joint CTC-attention training; `objective.ctc_loss`). 0 = off.
     ctc_weight=0.0,
+    # What that CTC loss predicts: "pieces" (the target's SentencePiece ids, scored by the text
+    # softmax) or "chars" (their letters and apostrophes, scored by a 28-way head of its own).
+    ctc_units="pieces",
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.
     num_experts=8,  # E
