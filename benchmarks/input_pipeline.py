@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
 def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
   """Seconds of one jitted train step of `config` on a real batch of each task (after compile)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from multimodel import evaluation, optim, trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from multimodel import evaluation, objective, optim, trainer
   from multimodel.model import MultiModel  # pylint: disable=import-outside-toplevel
 
   model = MultiModel(config.model, rngs=nnx.Rngs(0))
@@ -106,12 +107,14 @@ def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
   while len(batches) < len(mix.tasks):  # One real batch per task, drawn from the mixture.
     name, batch = next(mix)
     batches.setdefault(name, batch)
+  chars = config.model.ctc_weight > 0 and config.model.ctc_units == "chars"
+  char_table = objective.ctc_char_table(Tokenizer.load()) if chars else None
   out = {}
   for name, batch in batches.items():
     spec = evaluation.task_spec(mix.tasks[name])
     step = jax.jit(lambda st, b, spec=spec, name=name: trainer.train_step(
         st, {name: b}, jax.random.key(0), np.ones(1, np.float32), graphdef=graphdef, tx=tx,
-        tasks=((name, spec),)))
+        tasks=((name, spec),), ctc_char_table=char_table))
     jax.block_until_ready(step(state, batch))  # compile
     start = time.perf_counter()
     for _ in range(repeats):
