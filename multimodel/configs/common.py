@@ -31,7 +31,8 @@ MODEL = dict(
     # (joint CTC-attention training; `objective.ctc_loss`). 0 = off.
     ctc_weight=0.0,
     # What that CTC loss predicts: "pieces" (the target's SentencePiece ids, scored by the text
-    # softmax) or "chars" (their letters and apostrophes, scored by a 28-way head of its own).
+    # softmax) or "chars" (their letters a-z and apostrophes, scored by a 28-way head of its own;
+    # for English transcripts: other scripts have no labels there, use "pieces").
     ctc_units="pieces",
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.

@@ -40,6 +40,13 @@ Sized for a budget in which the model sees most training examples about once, so
   its audio without it, even on its training domain (validation `input_gain` 0.003-0.023 over two
   seeds), and 0.059-0.066 with it, its validation log-perplexity 0.08 lower (docs/results.md,
   "Speech that reads its audio");
+- that CTC loss over letters (`ctc_units="chars"`, a 28-way softmax of its own) rather than over
+  the 8192 pieces: alone for 400 steps, speech then read the real speaker's test audio five times
+  as much (`input_gain` 0.010 -> 0.049); in this job (one run against two before it) speech's test
+  log-perplexity 5.32-5.35 -> 4.52 and `input_gain` 0.010-0.016 -> 0.063, the captions and the
+  image classifiers gained, and every translation direction and parsing lost (log-perplexity
+  0.03-0.08 higher, chrF 1.1-3.2 lower; docs/results.md, "Speech: its prompts in other voices,
+  and CTC over characters");
 - untied text embeddings (`tie_embeddings=False`): the output softmax has its own matrix, so the
   English input embeddings that sentiment reads are not also the targets of every translation
   step's softmax. Paired with translate_fr_en, sentiment then learns (test accuracy 0.715 against
