@@ -41,8 +41,8 @@ Sized for a budget in which the model sees most training examples about once, so
   seeds), and 0.059-0.066 with it, its validation log-perplexity 0.08 lower (docs/results.md,
   "Speech that reads its audio");
 - that CTC loss over letters (`ctc_units="chars"`, a 28-way softmax of its own) rather than over
-  the 8192 pieces: alone for 400 steps, speech then read the real speaker's test audio five times
-  as much (`input_gain` 0.010 -> 0.049); in this job (one run against two before it) speech's test
+  the 8192 pieces: alone for 400 steps, speech then read the real speaker's test audio six times
+  as much (`input_gain` 0.010 -> 0.058); in this job (one run against two before it) speech's test
   log-perplexity 5.32-5.35 -> 4.52 and `input_gain` 0.010-0.016 -> 0.063, the captions and the
   image classifiers gained, and every translation direction and parsing lost (log-perplexity
   0.03-0.08 higher, chrF 1.1-3.2 lower; docs/results.md, "Speech: its prompts in other voices,
