@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
   if not task_list:
     raise SystemExit("No embedded task is prepared: run `python -m data.prepare` first")
   needs_text = any("text" in (t.input_modality, t.target_modality) for t in task_list)
-  mix = mixture_lib.Mixture(task_list, Tokenizer.load() if needs_text else None,
+  tokenizer = Tokenizer.load() if needs_text else None
+  mix = mixture_lib.Mixture(task_list, tokenizer,
                             InputConfig.from_config(config), strategy=config.data.mixture,
                             temperature=config.data.temperature)
   for _ in range(args.warmup_batches):
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
       print(f"{name:<22} {batches:>8} {1e3 * seconds / batches:>9.1f} "
             f"{examples / max(seconds, 1e-9):>11.0f}")
   totals = np.sum([c[:3] for c in counts.values()], axis=0)
-  step_seconds = _step_seconds(config, mix)
+  step_seconds = _step_seconds(config, mix, tokenizer)
   probabilities = mix.probabilities()
   mean_step = sum(probabilities[n] * s for n, s in step_seconds.items())
   print(f"\n{'task':<22} {'train step ms':>14} {'rate':>6}")
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
   return result
 
 
-def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
+def _step_seconds(config, mix, tokenizer, repeats: int = 3) -> dict[str, float]:
   """Seconds of one jitted train step of `config` on a real batch of each task (after compile)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
@@ -107,8 +108,7 @@ def _step_seconds(config, mix, repeats: int = 3) -> dict[str, float]:
   while len(batches) < len(mix.tasks):  # One real batch per task, drawn from the mixture.
     name, batch = next(mix)
     batches.setdefault(name, batch)
-  chars = config.model.ctc_weight > 0 and config.model.ctc_units == "chars"
-  char_table = objective.ctc_char_table(Tokenizer.load()) if chars else None
+  char_table = objective.run_ctc_char_table(config.model, tokenizer)
   out = {}
   for name, batch in batches.items():
     spec = evaluation.task_spec(mix.tasks[name])

@@ -49,6 +49,13 @@ def ctc_char_table(tokenizer, max_chars: int = 16) -> np.ndarray:
   return table
 
 
+def run_ctc_char_table(model_cfg, tokenizer) -> np.ndarray | None:
+  """The `ctc_char_table` a run's train step needs: None unless its CTC loss is over characters."""
+  if tokenizer is None or model_cfg.ctc_weight <= 0 or model_cfg.ctc_units != "chars":
+    return None
+  return ctc_char_table(tokenizer)
+
+
 def ctc_char_labels(targets: Array, table: Array) -> Array:
   """Piece ids [B, T] (0 = padding) -> their characters' labels [B, T * K], left-aligned, 0-padded."""
   chars = jnp.asarray(table)[targets].reshape(targets.shape[0], -1)  # [B, T * K]

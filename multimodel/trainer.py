@@ -391,8 +391,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
 
   sorted_names = sorted(task_names)
   schedule = optim.schedule(train_cfg, config.model.d_model)
-  char_table = (objective.ctc_char_table(tokenizer) if tokenizer is not None
-                and config.model.ctc_weight > 0 and config.model.ctc_units == "chars" else None)
+  char_table = objective.run_ctc_char_table(config.model, tokenizer)
 
   def step_fn(names: tuple[str, ...]):
     if names not in step_fns:

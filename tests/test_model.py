@@ -319,6 +319,12 @@ def test_ctc_char_table_and_labels():
   np.testing.assert_array_equal(table[3], [index("a"), index("b"), 0, 0])  # Lower-cased, no space.
   np.testing.assert_array_equal(table[4], [index("c"), index("'"), index("d"), 0])
   assert not table[[0, 1, 2, 5]].any()
+  # A run's train step gets the table only when its CTC loss is over characters.
+  chars = small_config(ctc_weight=0.3, ctc_units="chars")
+  np.testing.assert_array_equal(objective.run_ctc_char_table(chars, _Pieces())[:, :4], table)
+  assert objective.run_ctc_char_table(chars, None) is None
+  assert objective.run_ctc_char_table(small_config(ctc_weight=0.3), _Pieces()) is None
+  assert objective.run_ctc_char_table(small_config(ctc_units="chars"), _Pieces()) is None
   targets = jnp.asarray([[3, 4, 0, 0], [4, 0, 0, 0]], jnp.int32)
   labels = np.asarray(objective.ctc_char_labels(targets, table))
   assert labels.shape == (2, 16)
