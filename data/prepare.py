@@ -111,13 +111,14 @@ def prepare(tasks: Sequence[Task], *, max_examples_per_split: int | None = None,
                         seconds if key == "train" else None, status))
 
   path = paths.tokenizer_path()
+  text_tasks = list({t.name: t for t in tasks_lib.installed_tasks() + prepared
+                     if "text" in (t.input_modality, t.target_modality)}.values())
+  symbols = task_symbols(text_tasks)
   if retrain_tokenizer or not path.is_file():
-    text_tasks = [t for t in tasks_lib.installed_tasks() + prepared
-                  if "text" in (t.input_modality, t.target_modality)]
     start = time.perf_counter()
     if text_tasks:
-      tok = tokenizer_lib.train(tokenizer_corpus(list({t.name: t for t in text_tasks}.values())),
-                                vocab_size=vocab_size)
+      tok = tokenizer_lib.train(tokenizer_corpus(text_tasks), vocab_size=vocab_size,
+                                symbols=symbols)
       tok.save(path)
       text_sources = ", ".join(sorted({t.source for t in text_tasks}))
       rows.append(Row("tokenizer", "-", tok.vocab_size, time.perf_counter() - start,
@@ -125,9 +126,19 @@ def prepare(tasks: Sequence[Task], *, max_examples_per_split: int | None = None,
     else:
       rows.append(Row("tokenizer", status="not trained: no text task is prepared"))
   else:
-    rows.append(Row("tokenizer", "-", tokenizer_lib.Tokenizer.load(path).vocab_size, None,
-                    f"ready: {path}"))
+    tok = tokenizer_lib.Tokenizer.load(path)
+    missing = tok.missing_symbols(symbols)
+    status = f"ready: {path}"
+    if missing:  # Kept: runs trained with it need it (their checkpoints hold a copy too).
+      status += (f" (trained without the tasks' symbols {', '.join(missing[:3])}...; "
+                 "--retrain_tokenizer gives new runs one with them)")
+    rows.append(Row("tokenizer", "-", tok.vocab_size, None, status))
   return rows
+
+
+def task_symbols(tasks: Sequence[Task]) -> list[str]:
+  """The union of the tasks' `symbols`, in a fixed order (the tokenizer's bytes depend on it)."""
+  return sorted({s for task in tasks for s in task.symbols})
 
 
 def format_table(rows: Sequence[Row]) -> str:

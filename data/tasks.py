@@ -103,6 +103,11 @@ class Task:
     input_buckets: bucket lengths of the inputs (None: the pipeline's defaults for the modality).
     target_buckets: bucket lengths of text targets (None: the pipeline's defaults).
     batch_size: fixed batch size (None: by tokens for sequences, the image batch size for images).
+    symbols: markup of the task's text that the shared tokenizer keeps as one piece each (a tree's
+      "(NP" and ")"), so that the model reads and writes it one token at a time. `python -m
+      data.prepare` trains the tokenizer with every installed task's symbols.
+    balanced_brackets: text targets are bracketed (linearised trees): decoding keeps their brackets
+      balanced and stops where the outermost one closes (`decode.keep_brackets_balanced`).
   """
 
   name: str
@@ -124,6 +129,8 @@ class Task:
   input_buckets: tuple[int, ...] | None = None
   target_buckets: tuple[int, ...] | None = None
   batch_size: int | None = None
+  symbols: tuple[str, ...] = ()
+  balanced_brackets: bool = False
 
   def __post_init__(self):
     if self.input_modality not in INPUT_MODALITIES:
@@ -199,6 +206,12 @@ def installed_tasks() -> list[Task]:
 _IMAGE_METRICS = ("accuracy", "top5")
 _TRANSLATE_METRICS = ("bleu", "chrf")
 _SPEECH_METRICS = ("wer", "cer")
+# The brackets of a linearised tree: "(" with each constituent label link-grammar writes, and ")".
+# One piece each, a tree of 15 words is about 35 pieces instead of 50, and every ")" is a token of
+# its own (the tokenizer otherwise learns "))))" as one piece, and the model must count).
+TREE_LABELS = ("S", "SBAR", "SINV", "SQ", "NP", "VP", "PP", "ADJP", "ADVP", "PRT", "QP", "WHNP",
+               "WHADVP", "WHPP", "WHADJP")
+TREE_SYMBOLS = tuple(f"({label}" for label in TREE_LABELS) + (")",)
 
 # Embedded tasks (builders in `data/builders/`).
 register(Task("image_mnist5k", "image_mnist5k", Fields("image", "label"), "image", "label",
@@ -218,7 +231,8 @@ register(Task("caption_stamps", "caption_stamps", Fields("image", "caption"), "i
 register(Task("parse_en", "parse_en", Fields("sentence", "tree"), "text", "text", "to_parse",
               ("exact_match", "bracket_f1"), embedded=True, max_input_length=64,
               max_target_length=256, input_buckets=(16, 16, 32, 64),
-              target_buckets=(32, 64, 128, 256)))
+              target_buckets=(32, 64, 128, 256), symbols=TREE_SYMBOLS,
+              balanced_brackets=True))
 # Reviews are cut to their first 64 pieces: a batch then holds 32 of them instead of 8, and the
 # opening sentences carry the verdict. Alone, `default` config, 300 steps: test accuracy 0.735 cut
 # at 64 against 0.585 (the majority class) at 256, in half the time (docs/results.md).

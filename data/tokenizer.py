@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from data import paths
 
@@ -77,6 +78,19 @@ class Tokenizer:
     return bool(self._sp.is_control(piece_id) or self._sp.is_unknown(piece_id)
                 or self._sp.is_byte(piece_id))
 
+  def missing_symbols(self, symbols: Sequence[str]) -> list[str]:
+    """Those of `symbols` the model was not trained to keep whole (`train`'s `symbols`)."""
+    model = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+    kept = {p.piece for p in model.pieces if p.type == p.USER_DEFINED}
+    return [s for s in symbols if s not in kept]
+
+  def bracket_deltas(self) -> np.ndarray:
+    """int32 [vocab_size]: how many "(" each piece opens minus how many ")" it closes (0 for pad,
+    EOS, unknown and byte pieces), for decoding trees (`decode.keep_brackets_balanced`)."""
+    return np.array([0 if self.is_control_or_byte(i)
+                     else self.piece(i).count("(") - self.piece(i).count(")")
+                     for i in range(self.vocab_size)], np.int32)
+
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without EOS."""
     return self._sp.encode(text, out_type=int)
@@ -98,14 +112,18 @@ class Tokenizer:
     return hash(self._proto)
 
 
-def train(sentences: Iterable[str], vocab_size: int = VOCAB_SIZE, seed: int = SEED) -> Tokenizer:
+def train(sentences: Iterable[str], vocab_size: int = VOCAB_SIZE, seed: int = SEED,
+          symbols: Sequence[str] = ()) -> Tokenizer:
   """Trains the shared unigram model on `sentences`, deterministically.
 
   The same sentences in the same order give the same model bytes: the first `MAX_SENTENCES` are
   used without shuffling, the thread count is fixed and SentencePiece's generator is seeded.
   `vocab_size` is a soft limit: a small corpus (tests, tiny builds) yields fewer pieces.
+  `symbols` are strings always encoded as one piece each, alone or after a space (a task's markup,
+  such as the brackets of a linearised tree: `Task.symbols`); they count toward `vocab_size`.
   """
   spm.set_random_generator_seed(seed)
+  user_symbols = [s for symbol in dict.fromkeys(symbols) for s in (symbol, "\u2581" + symbol)]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=(s for s in sentences if s and not s.isspace()),
@@ -124,5 +142,6 @@ def train(sentences: Iterable[str], vocab_size: int = VOCAB_SIZE, seed: int = SE
       shuffle_input_sentence=False,
       num_threads=NUM_THREADS,
       minloglevel=2,
+      user_defined_symbols=user_symbols,
   )
   return Tokenizer(model.getvalue())

@@ -69,14 +69,47 @@ def ban_repeated_ngrams(scores: Array, tokens: Array, t: Array | int, n: int) ->
   return jnp.where(banned, NEG_INF, scores)
 
 
+def keep_brackets_balanced(scores: Array, tokens: Array, t: Array | int, deltas: Array | None,
+                           eos_id: int = EOS_ID) -> Array:
+  """Keeps a bracketed output (a linearised tree) well-formed: one outermost bracket, balanced.
+
+  The first token must open a bracket; while brackets are open, EOS and any token that would close
+  more of them than are open are forbidden; once the outermost bracket closes, only EOS is
+  allowed. Words and labels are left to the model: this is the grammar of the brackets alone.
+
+  Args:
+    scores: logits or log-probabilities [B, V] of position t.
+    tokens: int [B, T], the output so far in positions < t (later ones 0, the pad id).
+    t: the position being decoded.
+    deltas: int [V'], V' <= V, the brackets each token opens minus those it closes
+      (`Tokenizer.bracket_deltas`; 0 for pad and EOS; ids >= V' hold none); None changes nothing.
+    eos_id: end-of-sequence id.
+  Returns:
+    scores [B, V] with the forbidden tokens at -inf.
+  """
+  if deltas is None:
+    return scores
+  deltas = jnp.asarray(deltas, jnp.int32)
+  # The model's vocabulary may be larger than the tokenizer's: ids past it hold no brackets.
+  deltas = jnp.pad(deltas, (0, scores.shape[-1] - deltas.shape[0]))  # [V]
+  depth = jnp.sum(deltas[tokens], axis=-1)  # [B]: the pad id after position t has delta 0.
+  is_eos = jnp.arange(scores.shape[-1]) == eos_id  # [V]
+  allowed = jnp.where(
+      (depth > 0)[:, None],
+      (depth[:, None] + deltas[None, :] >= 0) & ~is_eos,  # Inside the tree.
+      jnp.where(t == 0, deltas > 0, is_eos)[None, :])  # Before it: open one; after it: stop.
+  return jnp.where(allowed, scores, NEG_INF)
+
+
 def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int,
-                 no_repeat_ngram: int = 0) -> Array:
+                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None) -> Array:
   """The argmax loop of both greedy decoders.
 
   Args:
     step: (state, tokens [B, T] so far, prev_token [B], position) -> (logits [B, V], state).
     state: its initial state.
     no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
+    bracket_deltas: of `keep_brackets_balanced` (None: off).
   Returns:
     tokens int32 [B, T].
   """
@@ -89,6 +122,7 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
     t, tokens, prev, finished, state = carry
     logits, state = step(state, tokens, prev, t)  # [B, V]
     logits = ban_repeated_ngrams(_mask_pad(logits), tokens, t, no_repeat_ngram)
+    logits = keep_brackets_balanced(logits, tokens, t, bracket_deltas, eos_id)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     token = jnp.where(finished, PAD_ID, token)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)  # [B, T]
@@ -100,7 +134,8 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
 
 
 def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_length: int,
-           eos_id: int = EOS_ID, no_repeat_ngram: int = 0) -> Array:
+           eos_id: int = EOS_ID, no_repeat_ngram: int = 0,
+           bracket_deltas: Array | None = None) -> Array:
   """Greedy decoding with the incremental cache.
 
   Args:
@@ -111,6 +146,7 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     max_length: T, the most positions decoded (static).
     eos_id: end-of-sequence id; a value no token takes (e.g. -1) decodes all T positions.
     no_repeat_ngram: forbid repeating an n-gram of this size (`ban_repeated_ngrams`; 0: off).
+    bracket_deltas: int [V] for outputs that are trees (`keep_brackets_balanced`; None: off).
   Returns:
     tokens int32 [B, T]: argmax ids up to and including EOS, 0 after it.
   """
@@ -121,11 +157,13 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     del tokens  # The cache holds what the step needs of them.
     return model.decode_step(task, state, prev, t)
 
-  return _greedy_loop(step, state, enc.shape[0], max_length, eos_id, no_repeat_ngram)
+  return _greedy_loop(step, state, enc.shape[0], max_length, eos_id, no_repeat_ngram,
+                      bracket_deltas)
 
 
 def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = None, *,
-                      max_length: int, eos_id: int = EOS_ID, no_repeat_ngram: int = 0) -> Array:
+                      max_length: int, eos_id: int = EOS_ID, no_repeat_ngram: int = 0,
+                      bracket_deltas: Array | None = None) -> Array:
   """Greedy decoding without a cache: the slow reference for `greedy`.
 
   Position t runs the whole teacher-forced forward pass (encoder included) on the targets decoded
@@ -142,7 +180,8 @@ def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = Non
     logits, _ = model(task, inputs, targets, input_mask)  # [B, T, V]
     return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), state  # [B, V]
 
-  return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id, no_repeat_ngram)
+  return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id, no_repeat_ngram,
+                      bracket_deltas)
 
 
 def gnmt_length_penalty(length: Array | int, alpha: float) -> Array:
@@ -171,7 +210,8 @@ def _top_k_beams(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
 
 def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, beam_size: int,
                 max_length: int, length_penalty: float = 0.6, eos_id: int = EOS_ID,
-                no_repeat_ngram: int = 0, return_all: bool = False) -> tuple[Array, Array]:
+                no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
+                return_all: bool = False) -> tuple[Array, Array]:
   """Beam search with the incremental cache.
 
   Each step extends the N alive beams by every token and ranks the candidates by log-probability.
@@ -193,6 +233,8 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     length_penalty: alpha of `gnmt_length_penalty` (0 ranks by plain log-probability).
     no_repeat_ngram: a beam may not repeat an n-gram of this size (its log-probability of such a
       token is -inf, not renormalised: `ban_repeated_ngrams`; 0: off).
+    bracket_deltas: int [V] for outputs that are trees: a beam only grows into a well-formed one
+      (`keep_brackets_balanced`, -inf likewise; None: off).
     return_all: return all N hypotheses, best first, instead of the best one.
   Returns:
     tokens int32 [B, T] (or [B, N, T] with `return_all`), 0 after EOS, and their scores float32
@@ -221,6 +263,8 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     log_probs = jax.nn.log_softmax(_mask_pad(logits.astype(jnp.float32)))  # [B * N, V]
     log_probs = ban_repeated_ngrams(log_probs, alive_seqs.reshape(batch * n, -1), t,
                                     no_repeat_ngram)
+    log_probs = keep_brackets_balanced(log_probs, alive_seqs.reshape(batch * n, -1), t,
+                                       bracket_deltas, eos_id)
     candidates = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
 
     # Top 2N candidates: token and parent beam of each.
@@ -274,7 +318,8 @@ METHODS = ("greedy", "beam", "full_rerun")
 
 def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
                  beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = EOS_ID,
-                 no_repeat_ngram: int = 0) -> Callable[..., Array]:
+                 no_repeat_ngram: int = 0,
+                 bracket_deltas: Array | None = None) -> Callable[..., Array]:
   """A jitted pure decoder `fn(state, inputs, input_mask=None) -> tokens int32 [B, T]`.
 
   Args:
@@ -285,6 +330,8 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     beam_size, length_penalty: of "beam".
     eos_id: end-of-sequence id.
     no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
+    bracket_deltas: int [V] of `keep_brackets_balanced` for a task whose outputs are trees
+      (`Tokenizer.bracket_deltas`; None: off).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
@@ -297,9 +344,9 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     if method == "beam":
       return beam_search(model, task, inputs, input_mask, beam_size=beam_size,
                          max_length=max_length, length_penalty=length_penalty, eos_id=eos_id,
-                         no_repeat_ngram=no_repeat_ngram)[0]
+                         no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas)[0]
     fn = greedy if method == "greedy" else full_rerun_greedy
     return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
-              no_repeat_ngram=no_repeat_ngram)
+              no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas)
 
   return decode

@@ -33,6 +33,11 @@ def task_spec(task: Task) -> TaskSpec:
                   task.label_offset)
 
 
+def bracket_deltas(task: Task, tokenizer: Tokenizer | None) -> np.ndarray | None:
+  """The decoder's bracket table of a task whose outputs are trees, else None."""
+  return tokenizer.bracket_deltas() if task.balanced_brackets and tokenizer else None
+
+
 def _model_keys(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "example_index"}
 
@@ -43,7 +48,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
 
   Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
-  repeating an n-gram of size `no_repeat_ngram` (0: no such rule; `decode.ban_repeated_ngrams`).
+  repeating an n-gram of size `no_repeat_ngram` (0: no such rule; `decode.ban_repeated_ngrams`);
+  a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`).
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
   for sequence targets (when decoding), class indices for label targets.
@@ -70,7 +76,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     from multimodel import decode as decode_lib  # Decoding is only needed for sequence targets.
     decoder = decode_lib.make_decoder(graphdef, spec, method=decode, beam_size=beam_size,
                                       max_length=task.max_target_length,
-                                      no_repeat_ngram=no_repeat_ngram)
+                                      no_repeat_ngram=no_repeat_ngram,
+                                      bracket_deltas=bracket_deltas(task, tokenizer))
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):

@@ -36,6 +36,7 @@ from flax import nnx
 
 import modalities
 from data import tasks as tasks_lib
+from data.tokenizer import Tokenizer
 from multimodel import checkpoint, decode, evaluate, evaluation
 from multimodel.model import MultiModel
 
@@ -62,14 +63,16 @@ def input_specs(task, config, batch_size: int) -> dict:
   return {"inputs": ((b,), "int32")}  # label input: [B]
 
 
-def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int):
+def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
+                  bracket_deltas: np.ndarray | None = None):
   """The pure function a task's program holds.
 
   `fn(params, inputs, input_mask=None)`, params {"/"-joined path: array} (those of
   `abstract_params`), inputs and input_mask as `input_specs` says. Returns for a label target
   {"classes": int32 [B, K], "probabilities": float32 [B, K]}, the K = min(5, num_classes) most
   likely classes, best first; for a text target {"tokens": int32 [B, T]}, greedy decoding with
-  the incremental cache (EOS = 1 ends a sequence, 0 pads after it).
+  the incremental cache (EOS = 1 ends a sequence, 0 pads after it), into well-formed trees only
+  when `bracket_deltas` is given (`decode.keep_brackets_balanced`).
   """
   spec = evaluation.task_spec(task)
 
@@ -80,7 +83,8 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int):
       logits, _ = model(spec, inputs, targets, input_mask)  # [B, num_classes]
       probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits), min(TOP_K, task.num_classes))
       return {"classes": classes.astype(jnp.int32), "probabilities": probabilities}  # [B, K]
-    tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length)
+    tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length,
+                           bracket_deltas=bracket_deltas)
     return {"tokens": tokens}  # [B, T]
 
   return fn
@@ -166,9 +170,11 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   for stale in out.glob("*.jaxexport"):  # Programs of an earlier export to the same folder.
     stale.unlink()
   tasks_json = {}
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes) if run.tokenizer_bytes else None
   for task in task_list:
     length = max_decode_length or task.max_target_length
-    fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length)
+    fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length,
+                       bracket_deltas=evaluation.bracket_deltas(task, tokenizer))
     specs = [jax.ShapeDtypeStruct(shape, dtype)
              for shape, dtype in input_specs(task, run.config, batch_size).values()]
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)

@@ -42,7 +42,8 @@ def decoders(model):
   cache = {}
 
   def get(input_modality, method, **kwargs):
-    key = (input_modality, method, tuple(sorted(kwargs.items())))
+    key = (input_modality, method, tuple(sorted(
+        (k, v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items())))
     if key not in cache:
       task = TaskSpec(input_modality, "text", command_id=1)
       cache[key] = functools.partial(
@@ -284,3 +285,63 @@ def test_decoders_never_repeat_a_banned_ngram(decoders, model, n):
       decode.beam_search, task=TEXT_TASK, beam_size=3, max_length=T, eos_id=-1,
       no_repeat_ngram=n, return_all=True))(model, inputs=inputs)
   assert not any(has_repeated_ngram(s, n) for s in np.asarray(beams).reshape(-1, T))
+
+
+# A toy bracket table over the small model's vocabulary: ids 3-6 open a bracket ("(NP"), 7 closes
+# one (")"), 8 closes two ("))"), the rest are words; pad (0) and EOS (1) are neither.
+TREE_DELTAS = np.zeros(VOCAB, np.int32)
+TREE_DELTAS[3:7], TREE_DELTAS[7], TREE_DELTAS[8] = 1, -1, -2
+
+
+def tree_prefix_ok(seq, eos_id=1):
+  """True when `seq` (ids, 0 after EOS) is a prefix of a well-formed tree, or one with its EOS."""
+  depth = 0
+  for t, token in enumerate(seq):
+    if token == 0:
+      return all(x == 0 for x in seq[t:])
+    if token == eos_id:
+      return depth == 0 and t > 0 and all(x == 0 for x in seq[t + 1:])
+    if (t == 0 and TREE_DELTAS[token] <= 0) or (t > 0 and depth == 0):
+      return False  # Not opening the tree, or going on after its root closed.
+    depth += TREE_DELTAS[token]
+    if depth < 0:
+      return False
+  return True
+
+
+def test_keep_brackets_balanced_matches_the_grammar():
+  """Token w is allowed at t exactly when the prefix plus w can still be (or end) a tree."""
+  rng = np.random.default_rng(0)
+  prefixes = [[]]
+  while len(prefixes) < 300:  # Random valid prefixes, of every length up to T - 1.
+    seq = list(prefixes[rng.integers(len(prefixes))])
+    if len(seq) < T - 1:
+      seq.append(int(rng.integers(2, 10)))
+      if tree_prefix_ok(seq):
+        prefixes.append(seq)
+  for seq in prefixes:
+    t = len(seq)
+    tokens = jnp.asarray([seq + [0] * (T - t)], jnp.int32)
+    kept = np.isfinite(np.asarray(decode.keep_brackets_balanced(
+        jnp.zeros((1, VOCAB)), tokens, jnp.int32(t), TREE_DELTAS)))[0]
+    want = [w != 0 and tree_prefix_ok(seq + [w]) for w in range(VOCAB)]
+    want[0] = kept[0]  # The pad id is `_mask_pad`'s business, not the grammar's.
+    assert kept.tolist() == want, seq
+  scores = jnp.ones((1, VOCAB))
+  np.testing.assert_array_equal(
+      decode.keep_brackets_balanced(scores, jnp.zeros((1, T), jnp.int32), 0, None), scores)
+
+
+def test_decoders_only_write_well_formed_trees(decoders, model):
+  """With the table, greedy (cached and re-run) and every beam only ever write tree prefixes."""
+  inputs, mask = raw_inputs("text", np.random.default_rng(6))
+  plain = np.asarray(decoders("text", "greedy")(inputs, mask))
+  cached = np.asarray(decoders("text", "greedy", bracket_deltas=TREE_DELTAS)(inputs, mask))
+  rerun = np.asarray(decoders("text", "full_rerun", bracket_deltas=TREE_DELTAS)(inputs, mask))
+  np.testing.assert_array_equal(cached, rerun)
+  assert all(tree_prefix_ok(s.tolist()) for s in cached)
+  assert not all(tree_prefix_ok(s.tolist()) for s in plain)  # The rule had work to do.
+  beams, _ = nnx.jit(functools.partial(
+      decode.beam_search, task=TEXT_TASK, beam_size=3, max_length=T,
+      bracket_deltas=TREE_DELTAS, return_all=True))(model, inputs=inputs)
+  assert all(tree_prefix_ok(s) for s in np.asarray(beams).reshape(-1, T).tolist())

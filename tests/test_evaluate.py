@@ -1,6 +1,7 @@
 """Evaluation of a trained run from its checkpoint: a tiny run trained by the real CLI on real
 embedded data; the evaluate CLI's table and JSON report; clear errors; parameters-only loading."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from data import tasks
 from data.buckets import InputConfig
 from data.tokenizer import Tokenizer
 from multimodel import checkpoint, evaluate
@@ -107,6 +109,36 @@ def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, 
 
   monkeypatch.setattr(evaluation.pipeline, "eval_batches", same_input)
   assert report()["input_gain"] == pytest.approx(0.0, abs=1e-5)
+
+
+def bracket_depths(tree: str) -> list[int]:
+  """The number of open brackets after each "(" or ")" of a text."""
+  depths = [0]
+  for char in tree:
+    if char in "()":
+      depths.append(depths[-1] + (1 if char == "(" else -1))
+  return depths[1:]
+
+
+def test_tree_outputs_keep_their_brackets_balanced(workdir):
+  """parse_en's outputs (`balanced_brackets`) open one tree, never close an unopened bracket and
+  end where it closes, even from this barely trained model (which writes no trees of its own)."""
+  from multimodel import evaluation  # pylint: disable=import-outside-toplevel
+  run = checkpoint.load_run(workdir)
+  graphdef, params = evaluate.model_from_run(run)
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
+  task = dataclasses.replace(tasks.get("parse_en"), max_target_length=24)
+
+  def outputs(task):
+    report = evaluation.evaluate_task(graphdef, params, task, tokenizer,
+                                      InputConfig.from_config(run.config), max_examples=4)
+    return [d["prediction"] for d in report["decoded"]]
+
+  for tree in outputs(task):
+    depths = bracket_depths(tree)
+    assert tree.startswith("(") and min(depths) >= 0 and 0 not in depths[:-1], tree
+  plain = outputs(dataclasses.replace(task, balanced_brackets=False))
+  assert not all(tree.startswith("(") for tree in plain)  # The rule had work to do.
 
 
 @pytest.mark.parametrize("args, message", [

@@ -195,6 +195,34 @@ def test_programs_reproduce_the_models_predictions(run, full_export):
   assert (tokens != 0).sum() > 1
 
 
+def test_tree_programs_decode_with_the_bracket_rule(run):
+  """A task with `balanced_brackets` (parse_en) gets the tokenizer's bracket table in its program:
+  it decodes as the evaluation's decoder with that table does, and its random-weight outputs,
+  which would otherwise not be trees, open one and never close more brackets than it opened."""
+  task = tasks_lib.get("parse_en")
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
+  deltas = evaluation.bracket_deltas(task, tokenizer)
+  assert deltas is not None and evaluation.bracket_deltas(tasks_lib.get("translate_en_fr"),
+                                                          tokenizer) is None
+  model = MultiModel(run.config.model, rngs=nnx.Rngs(1))
+  graphdef, params = nnx.split(model, nnx.Param)
+  flat = dict(zip(checkpoint.param_keys(params), jax.tree.leaves(params)))
+  fn = jax.jit(export.prediction_fn(graphdef, params, task, max_decode_length=DECODE_LENGTH,
+                                    bracket_deltas=deltas))
+  decoder = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH,
+                                bracket_deltas=deltas)
+  inputs = np.zeros((2, task.max_input_length), np.int32)  # [2, S]
+  for row, index in enumerate((0, 1)):
+    ids = pipeline_input("parse_en", index, tokenizer)
+    inputs[row, :len(ids)] = ids
+  tokens = np.asarray(fn(flat, inputs)["tokens"])  # [2, T]
+  np.testing.assert_array_equal(tokens, np.asarray(decoder(params, inputs)))
+  deltas = np.pad(deltas, (0, run.config.model.vocab_size - len(deltas)))  # Ids past the tokens.
+  for row in tokens:
+    depths = np.cumsum(deltas[row[row > 1]])
+    assert deltas[row[0]] > 0 and depths.min() >= 0 and (depths[:-1] > 0).all()
+
+
 def test_subset_export_keeps_only_the_nets_it_needs(image_export, full_export, tmp_path, capsys):
   params = load_params(image_export)
   assert not [k for k in params if k.startswith(("modalities/text/", "modalities/audio/"))]

@@ -1,5 +1,7 @@
 """The shared SentencePiece tokenizer: special ids, round-trips of real text, determinism, bytes."""
 
+import re
+
 import pytest
 
 from data import prepare
@@ -87,8 +89,29 @@ def test_trained_on_the_text_of_every_text_task(tok, monkeypatch):
                                                                 t.target_modality)]
   assert {t.source for t in text_tasks} == {"translate_en_fr", "translate_en_de", "speech_en",
                                             "parse_en"}
-  again = tokenizer_lib.train(prepare.tokenizer_corpus(text_tasks))
+  again = tokenizer_lib.train(prepare.tokenizer_corpus(text_tasks),
+                              symbols=prepare.task_symbols(text_tasks))
   assert again == tok  # What `data.prepare` stored is this deterministic model.
+
+
+def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch):
+  """Each "(LABEL" and ")" of a tree is one piece, so a tree's brackets balance piece by piece."""
+  assert prepare.task_symbols([tasks.get("parse_en")]) == sorted(tasks.TREE_SYMBOLS)
+  assert not tok.missing_symbols(tasks.TREE_SYMBOLS)
+  deltas = tok.bracket_deltas()
+  assert deltas.shape == (tok.vocab_size,)
+  for tree in _real_texts("parse_en", "tree"):
+    ids = tok.encode(tree)
+    assert tok.decode(ids) == tree
+    opens = [i for i in ids if deltas[i] > 0]
+    assert [tok.piece(i).strip() for i in opens] == ["(" + label for label in
+                                                    re.findall(r"\((\S+)", tree)]
+    assert [deltas[i] for i in ids if deltas[i] < 0] == [-1] * tree.count(")")
+  assert deltas[tokenizer_lib.PAD_ID] == deltas[tokenizer_lib.EOS_ID] == 0
+  # A tokenizer trained without them says which are missing (`data.prepare` reports it).
+  tiny_data.use(monkeypatch)
+  plain = tokenizer_lib.train(_real_texts("parse_en", "tree", "train"), vocab_size=500)
+  assert ")" in plain.missing_symbols(tasks.TREE_SYMBOLS)
 
 
 def test_missing_model_names_the_fix(tmp_path):
