@@ -12,6 +12,9 @@ Conventions shared by all decoders:
   * id 1 ends a sequence (`eos_id`); the EOS token is kept, every position after it is 0 (pad).
   * The pad id 0 is never emitted (its logit is masked), so a 0 in the output always means "after
     the end"; a sequence that reaches `max_length` without EOS is returned truncated.
+  * Two optional rules forbid tokens (score -inf) before the argmax or the beams' ranking:
+    `no_repeat_ngram` (no repeated n-gram, against loops) and `bracket_deltas` (outputs that are
+    linearised trees stay well-formed: `keep_brackets_balanced`).
   * They are pure functions of the model's state: call them inside `nnx.jit`, or use
     `make_decoder`, a `jax.jit`-compiled function of (state, inputs, input_mask) that merges
     the model from its graphdef. Called eagerly they still work, but the loop body is traced and
