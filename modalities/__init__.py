@@ -30,7 +30,8 @@ def build(name: str, cfg, *, dtype, param_dtype, rngs):
                  res_blocks=cfg.image.res_blocks, **kw)
   if name == "audio":
     return Audio(d, num_mel_bins=cfg.audio.num_mel_bins, filters=cfg.audio.conv_filters,
-                 layers=cfg.audio.conv_layers, normalize=cfg.audio.normalize, **kw)
+                 layers=cfg.audio.conv_layers, normalize=cfg.audio.normalize,
+                 **dict(cfg.audio.spec_augment), **kw)
   if name == "label":
     return Label(cfg.num_labels, d, **kw)
   raise ValueError(f"Unknown modality {name!r}; valid modalities: {NAMES}")

@@ -242,6 +242,60 @@ def test_audio_normalize_utterance_over_real_frames_only():
   assert not y[1, 12:].any()
 
 
+def test_spec_augment_masks_bands_and_spans_of_real_frames():
+  """Whole mel bands and whole frame spans, within their widths, of real frames only, set to the
+  utterance's mean; each utterance and key draws its own."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(2.0, 1.0, size=(3, 60, 16)).astype(np.float32)
+  mask = np.ones((3, 60), bool)
+  mask[1, 40:] = False
+  mask[2, 20:] = False
+  drawn = []
+  for seed in range(20):
+    y = np.asarray(audio.spec_augment(jax.random.key(seed), jnp.asarray(x), jnp.asarray(mask),
+                                      freq_masks=1, freq_width=5, time_masks=1, time_ratio=0.25))
+    changed = y != x
+    assert not changed[~mask].any()  # Padding untouched.
+    for b in range(3):
+      length = mask[b].sum()
+      real = changed[b, :length]  # [frames, bins]
+      bins = real.all(axis=0)  # A masked band covers every real frame.
+      frames = real.all(axis=1)  # A masked span covers every bin.
+      np.testing.assert_array_equal(real, bins[None, :] | frames[:, None])
+      for hit, limit in ((bins, 5), (frames, int(0.25 * length))):
+        where = np.flatnonzero(hit)
+        assert len(where) <= limit and (len(where) == 0 or where[-1] - where[0] + 1 == len(where))
+      mean = x[b, :length].mean()
+      np.testing.assert_allclose(y[b, :length][real], mean, rtol=1e-5)
+      drawn.append((seed, b, bins.sum(), frames.sum()))
+  assert len({d[2:] for d in drawn}) > 10  # Widths vary with the key and the utterance.
+  assert max(d[3] for d in drawn if d[1] == 0) > max(d[3] for d in drawn if d[1] == 2)
+
+
+def test_spec_augment_only_in_training():
+  """The masks change the training forward pass (a fresh draw for each key), never evaluation."""
+  cfg = small_config(dropout=0.0, audio=dict(num_mel_bins=16, conv_filters=8, normalize=True,
+                                             spec_augment=dict(freq_masks=2, freq_width=4,
+                                                               time_masks=2, time_ratio=0.2)))
+  plain_cfg = small_config(dropout=0.0, audio=dict(num_mel_bins=16, conv_filters=8,
+                                                   normalize=True))
+  m, plain = MultiModel(cfg, rngs=nnx.Rngs(0)), MultiModel(plain_cfg, rngs=nnx.Rngs(0))
+  task = TaskSpec("audio", "text", command_id=3)
+  rng = np.random.default_rng(8)
+  inputs, mask = raw_inputs("audio", rng)
+  tgt = ids(rng, (B, T))
+  evaluated = m(task, inputs, tgt, mask)[0]
+  np.testing.assert_array_equal(evaluated, plain(task, inputs, tgt, mask)[0])
+  # The audio net's output (before the encoder, whose gating noise also draws from the stream).
+  net, plain_net = m.modalities["audio"], plain.modalities["audio"]
+  trained = [net.encode(inputs, mask, train=True, rngs=nnx.Rngs(dropout=k))[0] for k in (1, 2)]
+  np.testing.assert_array_equal(plain_net.encode(inputs, mask, train=True,
+                                                 rngs=nnx.Rngs(dropout=1))[0],
+                                net.encode(inputs, mask)[0])
+  assert np.abs(np.asarray(trained[0] - net.encode(inputs, mask)[0])).max() > 1e-3
+  assert np.abs(np.asarray(trained[0] - trained[1])).max() > 1e-3
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_audio_level_and_channel_change_the_output_only_without_normalisation(normalize):
   """A recording's gain and channel (a constant per mel bin in the log domain) is removed."""

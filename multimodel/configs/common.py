@@ -70,6 +70,10 @@ MODEL = dict(
         # Each mel bin of each utterance to zero mean and unit variance over its real frames
         # (`modalities.audio.normalize_utterance`) before the convs.
         normalize=False,
+        # SpecAugment in training (`modalities.audio.spec_augment`): bands of up to `freq_width`
+        # mel bins and spans of up to `time_ratio` of each utterance's frames set to its mean.
+        # 0 masks: off.
+        spec_augment=dict(freq_masks=0, freq_width=27, time_masks=0, time_ratio=0.05),
     ),
 )
 
