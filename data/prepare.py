@@ -129,7 +129,7 @@ def prepare(tasks: Sequence[Task], *, max_examples_per_split: int | None = None,
     tok = tokenizer_lib.Tokenizer.load(path)
     missing = tok.missing_symbols(symbols)
     status = f"ready: {path}"
-    if missing:  # Kept: runs trained with it need it (their checkpoints hold a copy too).
+    if missing:  # Not retrained unasked: that would renumber the pieces under later runs.
       status += (f" (trained without the tasks' symbols {', '.join(missing[:3])}...; "
                  "--retrain_tokenizer gives new runs one with them)")
     rows.append(Row("tokenizer", "-", tok.vocab_size, None, status))

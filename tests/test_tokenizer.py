@@ -94,7 +94,7 @@ def test_trained_on_the_text_of_every_text_task(tok, monkeypatch):
   assert again == tok  # What `data.prepare` stored is this deterministic model.
 
 
-def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch):
+def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch, tmp_path):
   """Each "(LABEL" and ")" of a tree is one piece, so a tree's brackets balance piece by piece."""
   assert prepare.task_symbols([tasks.get("parse_en")]) == sorted(tasks.TREE_SYMBOLS)
   assert not tok.missing_symbols(tasks.TREE_SYMBOLS)
@@ -112,6 +112,11 @@ def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch):
   tiny_data.use(monkeypatch)
   plain = tokenizer_lib.train(_real_texts("parse_en", "tree", "train"), vocab_size=500)
   assert ")" in plain.missing_symbols(tasks.TREE_SYMBOLS)
+  old_path = plain.save(tmp_path / "old.model")
+  monkeypatch.setattr(prepare.paths, "tokenizer_path", lambda: old_path)
+  [row] = prepare.prepare([], log=lambda _: None)
+  assert row.task == "tokenizer" and "trained without the tasks' symbols (ADJP" in row.status
+  assert "--retrain_tokenizer" in row.status and old_path.read_bytes() == plain.to_bytes()
 
 
 def test_missing_model_names_the_fix(tmp_path):
