@@ -99,7 +99,8 @@ def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, 
         InputConfig.from_config(run.config), max_examples=8, decode="none")
 
   own = report()
-  assert np.isfinite(own["input_gain"]) and abs(own["input_gain"]) > 1e-4
+  # Two steps in, the translation model's outputs are nearly uniform: its gain is ~4e-5 nats.
+  assert np.isfinite(own["input_gain"]) and abs(own["input_gain"]) > 1e-6
   eval_batches = evaluation.pipeline.eval_batches
 
   def same_input(*args, **kwargs):
@@ -108,7 +109,7 @@ def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, 
                            for k in ("inputs", "input_mask") if k in batch})
 
   monkeypatch.setattr(evaluation.pipeline, "eval_batches", same_input)
-  assert report()["input_gain"] == pytest.approx(0.0, abs=1e-5)
+  assert report()["input_gain"] == pytest.approx(0.0, abs=1e-7)
 
 
 def bracket_depths(tree: str) -> list[int]:
