@@ -207,7 +207,7 @@ _IMAGE_METRICS = ("accuracy", "top5")
 _TRANSLATE_METRICS = ("bleu", "chrf")
 _SPEECH_METRICS = ("wer", "cer")
 # The brackets of a linearised tree: "(" with each constituent label link-grammar writes, and ")".
-# One piece each, a tree of 15 words is about 35 pieces instead of 50, and every ")" is a token of
+# One piece each, a test tree is 35 pieces on average instead of 44, and every ")" is a token of
 # its own (the tokenizer otherwise learns "))))" as one piece, and the model must count).
 TREE_LABELS = ("S", "SBAR", "SINV", "SQ", "NP", "VP", "PP", "ADJP", "ADVP", "PRT", "QP", "WHNP",
                "WHADVP", "WHPP", "WHADJP")
