@@ -293,17 +293,18 @@ TREE_DELTAS = np.zeros(VOCAB, np.int32)
 TREE_DELTAS[3:7], TREE_DELTAS[7], TREE_DELTAS[8] = 1, -1, -2
 
 
-def tree_prefix_ok(seq, eos_id=1):
-  """True when `seq` (ids, 0 after EOS) is a prefix of a well-formed tree, or one with its EOS."""
+def tree_prefix_ok(seq, eos_id=1, deltas=TREE_DELTAS):
+  """True when `seq` (ids, 0 after EOS) is a prefix of a well-formed tree, or one with its EOS
+  (`deltas`: the bracket table, as `keep_brackets_balanced` takes it)."""
   depth = 0
   for t, token in enumerate(seq):
     if token == 0:
       return all(x == 0 for x in seq[t:])
     if token == eos_id:
       return depth == 0 and t > 0 and all(x == 0 for x in seq[t + 1:])
-    if (t == 0 and TREE_DELTAS[token] <= 0) or (t > 0 and depth == 0):
+    if (t == 0 and deltas[token] <= 0) or (t > 0 and depth == 0):
       return False  # Not opening the tree, or going on after its root closed.
-    depth += TREE_DELTAS[token]
+    depth += deltas[token]
     if depth < 0:
       return False
   return True

@@ -26,6 +26,7 @@ from data.tokenizer import Tokenizer
 from multimodel import checkpoint, decode, evaluate, evaluation, export, predict
 from multimodel.model import MultiModel
 from tests import tiny_data
+from tests.test_decode import tree_prefix_ok
 from tests.test_train import train_cmd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -218,9 +219,7 @@ def test_tree_programs_decode_with_the_bracket_rule(run):
   tokens = np.asarray(fn(flat, inputs)["tokens"])  # [2, T]
   np.testing.assert_array_equal(tokens, np.asarray(decoder(params, inputs)))
   deltas = np.pad(deltas, (0, run.config.model.vocab_size - len(deltas)))  # Ids past the tokens.
-  for row in tokens:
-    depths = np.cumsum(deltas[row[row > 1]])
-    assert deltas[row[0]] > 0 and depths.min() >= 0 and (depths[:-1] > 0).all()
+  assert all(tree_prefix_ok(row.tolist(), deltas=deltas) for row in tokens)
 
 
 def test_subset_export_keeps_only_the_nets_it_needs(image_export, full_export, tmp_path, capsys):
