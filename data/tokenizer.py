@@ -91,6 +91,13 @@ class Tokenizer:
                      else self.piece(i).count("(") - self.piece(i).count(")")
                      for i in range(self.vocab_size)], np.int32)
 
+  def word_starts(self) -> np.ndarray:
+    """bool [vocab_size]: the pieces that begin a word (those after a space, "▁the"; not pad,
+    EOS, unknown or byte pieces), for decoding a tree over its input's words
+    (`decode.keep_input_leaves`: no bracket goes before a piece that continues a word)."""
+    return np.array([not self.is_control_or_byte(i) and self.piece(i).startswith(" ")
+                     for i in range(self.vocab_size)], bool)
+
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without EOS."""
     return self._sp.encode(text, out_type=int)

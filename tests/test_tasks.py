@@ -85,6 +85,13 @@ def test_task_definitions_are_checked():
   with pytest.raises(ValueError, match="already registered"):
     tasks.register(tasks.Task("mnist", "other", tasks.Fields("a", "b"), "text", "text", "to_text",
                               ("bleu",)))
+  with pytest.raises(ValueError, match="leaves_are_input needs text inputs and text targets with "
+                                       "balanced_brackets"):
+    tasks.Task("t", "s", tasks.TreeLeaves("tree"), "text", "text", "to_parse", ("bracket_f1",),
+               leaves_are_input=True)
+  with pytest.raises(ValueError, match="max_open_run must be >= 0"):
+    tasks.Task("t", "s", tasks.TreeLeaves("tree"), "text", "text", "to_parse", ("bracket_f1",),
+               balanced_brackets=True, leaves_are_input=True, max_open_run=-1)
 
 
 def test_installed_tasks_are_the_prepared_ones(monkeypatch):
@@ -102,6 +109,17 @@ def test_fields_preprocess_reads_nested_and_first_values():
   assert out["targets"] == b"A dog." and out["inputs"] is example["image"]
   speech = tasks.get("librispeech").preprocess({"speech": np.zeros(3), "text": b"HELLO WORLD"})
   assert speech["targets"] == "hello world"
+
+
+def test_a_parse_reads_the_words_of_its_tree():
+  """parse_en's input is its tree's leaves (the treebank's tokens), so decoding can hold a tree to
+  them (`leaves_are_input`)."""
+  tree = "(S (NP (NP the Lord 's) will) (VP be (VP done)) .)"
+  assert tasks.tree_leaves(tree) == ["the", "Lord", "'s", "will", "be", "done", "."]
+  out = tasks.get("parse_en").preprocess({"sentence": b"The Lord's will be done.",
+                                          "tree": tree.encode()})
+  assert out == {"inputs": "the Lord 's will be done .", "targets": tree}
+  assert tasks.get("parse_en").leaves_are_input and tasks.get("parse_en").max_open_run == 2
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))

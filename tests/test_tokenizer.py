@@ -95,11 +95,12 @@ def test_trained_on_the_text_of_every_text_task(tok, monkeypatch):
 
 
 def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch, tmp_path):
-  """Each "(LABEL" and ")" of a tree is one piece, so a tree's brackets balance piece by piece."""
+  """Each "(LABEL" and ")" of a tree is one piece, so a tree's brackets balance piece by piece,
+  and the pieces between them are those of its words alone (its input, `tasks.TreeLeaves`)."""
   assert prepare.task_symbols([tasks.get("parse_en")]) == sorted(tasks.TREE_SYMBOLS)
   assert not tok.missing_symbols(tasks.TREE_SYMBOLS)
-  deltas = tok.bracket_deltas()
-  assert deltas.shape == (tok.vocab_size,)
+  deltas, starts = tok.bracket_deltas(), tok.word_starts()
+  assert deltas.shape == starts.shape == (tok.vocab_size,)
   for tree in _real_texts("parse_en", "tree"):
     ids = tok.encode(tree)
     assert tok.decode(ids) == tree
@@ -107,7 +108,11 @@ def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch, tmp_path):
     assert [tok.piece(i).strip() for i in opens] == ["(" + label for label in
                                                     re.findall(r"\((\S+)", tree)]
     assert [deltas[i] for i in ids if deltas[i] < 0] == [-1] * tree.count(")")
+    words = tok.encode(" ".join(tasks.tree_leaves(tree)))
+    assert [i for i in ids if deltas[i] == 0] == words
+    assert sum(starts[words]) == len(tasks.tree_leaves(tree))  # A piece begins each word.
   assert deltas[tokenizer_lib.PAD_ID] == deltas[tokenizer_lib.EOS_ID] == 0
+  assert not starts[tokenizer_lib.PAD_ID] and not starts[tokenizer_lib.EOS_ID]
   # A tokenizer trained without them says which are missing (`data.prepare` reports it).
   tiny_data.use(monkeypatch)
   plain = tokenizer_lib.train(_real_texts("parse_en", "tree", "train"), vocab_size=500)
