@@ -12,9 +12,10 @@ Conventions shared by all decoders:
   * id 1 ends a sequence (`eos_id`); the EOS token is kept, every position after it is 0 (pad).
   * The pad id 0 is never emitted (its logit is masked), so a 0 in the output always means "after
     the end"; a sequence that reaches `max_length` without EOS is returned truncated.
-  * Two optional rules forbid tokens (score -inf) before the argmax or the beams' ranking:
-    `no_repeat_ngram` (no repeated n-gram, against loops) and `bracket_deltas` (outputs that are
-    linearised trees stay well-formed: `keep_brackets_balanced`).
+  * Optional rules forbid tokens (score -inf) before the argmax or the beams' ranking:
+    `no_repeat_ngram` (no repeated n-gram, against loops), `bracket_deltas` (outputs that are
+    linearised trees stay well-formed: `keep_brackets_balanced`) and, with it, `word_starts` and
+    `max_open_run` (a tree whose leaves are exactly its input's pieces: `keep_input_leaves`).
   * They are pure functions of the model's state: call them inside `nnx.jit`, or use
     `make_decoder`, a `jax.jit`-compiled function of (state, inputs, input_mask) that merges
     the model from its graphdef. Called eagerly they still work, but the loop body is traced and
@@ -104,8 +105,88 @@ def keep_brackets_balanced(scores: Array, tokens: Array, t: Array | int, deltas:
   return jnp.where(allowed, scores, NEG_INF)
 
 
+def keep_input_leaves(scores: Array, tokens: Array, t: Array | int, deltas: Array,
+                      word_starts: Array, leaves: Array, eos_id: int = EOS_ID,
+                      max_open_run: int = 0) -> Array:
+  """Keeps a tree's leaves exactly its input's pieces, in order (with `keep_brackets_balanced`).
+
+  For a parser that reads the words of the tree it writes (`data.tasks.TreeLeaves`): every token
+  that is not a bracket (delta 0), pad or EOS is a leaf. Where c of the input's n pieces are
+  written: the next leaf must be piece c (there is none once c = n); a bracket opens only while
+  pieces remain and closes only after a leaf (no empty constituent), neither inside a word (before
+  a piece that continues one); the outermost bracket closes (and so the tree ends) only once all
+  n pieces are written (the input holds no brackets). With `max_open_run` = m > 0, at most m brackets open in a row (without a
+  leaf or a close between them): a model that does not want the next word otherwise tends to open
+  bracket after bracket until the length runs out. An empty input (n = 0) changes nothing.
+
+  Args:
+    scores: logits or log-probabilities [B, V] of position t.
+    tokens: int [B, T], the output so far in positions < t (later ones 0, the pad id).
+    t: the position being decoded.
+    deltas: int [V'], V' <= V, as for `keep_brackets_balanced`.
+    word_starts: bool [V']: the pieces that begin a word (`Tokenizer.word_starts`).
+    leaves: int [B, S]: the input's pieces, 0-padded.
+    eos_id: end-of-sequence id.
+    max_open_run: the most brackets opened in a row (0: no limit).
+  Returns:
+    scores [B, V] with the forbidden tokens at -inf.
+  """
+  vocab = scores.shape[-1]
+  deltas = jnp.pad(jnp.asarray(deltas, jnp.int32), (0, vocab - deltas.shape[0]))  # [V]
+  word_starts = jnp.pad(jnp.asarray(word_starts, bool), (0, vocab - word_starts.shape[0]))
+  ids = jnp.arange(vocab)  # [V]
+  is_leaf = (deltas[tokens] == 0) & (tokens != PAD_ID) & (tokens != eos_id)  # [B, T]
+  written = jnp.sum(is_leaf, axis=-1)  # [B]: c
+  total = jnp.sum(leaves != PAD_ID, axis=-1)  # [B]: n
+  remain = written < total  # [B]
+  following = jnp.take_along_axis(
+      leaves, jnp.minimum(written, leaves.shape[1] - 1)[:, None], axis=1)[:, 0]  # [B]
+  in_word = remain & (written > 0) & ~word_starts[following]  # [B]: piece c continues a word
+  prev = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
+  after_open = (t > 0) & (deltas[prev] > 0)  # [B]
+  positions = jnp.arange(tokens.shape[1])
+  not_open = (deltas[tokens] <= 0) & (positions < t)  # [B, T]
+  last = jnp.max(jnp.where(not_open, positions, -1), axis=-1)  # [B]
+  may_open = (t - 1 - last < max_open_run) if max_open_run else True  # [B]: t - 1 - last opened
+  depth = jnp.sum(deltas[tokens], axis=-1)  # [B]
+  allowed = (
+      (remain[:, None] & (ids[None, :] == following[:, None]))  # The next leaf.
+      | ((deltas > 0)[None, :] & (remain & ~in_word & may_open)[:, None])  # Open.
+      | ((deltas < 0)[None, :] & (~after_open & ~in_word)[:, None]  # Close, the root at the end.
+         & ((depth[:, None] + deltas[None, :] > 0) | ~remain[:, None]))
+      | ((ids == eos_id)[None, :] & ~remain[:, None])  # End.
+      | (total == 0)[:, None])
+  return jnp.where(allowed, scores, NEG_INF)
+
+
+def _tree_rules(scores: Array, tokens: Array, t: Array | int, eos_id: int,
+                bracket_deltas: Array | None, word_starts: Array | None,
+                leaves: Array | None, max_open_run: int) -> Array:
+  """`keep_brackets_balanced`, then `keep_input_leaves` when `word_starts` is given."""
+  scores = keep_brackets_balanced(scores, tokens, t, bracket_deltas, eos_id)
+  if word_starts is None:
+    return scores
+  if bracket_deltas is None or leaves is None:
+    raise ValueError("word_starts (leaves that are the input's pieces) needs bracket_deltas and "
+                     "text inputs")
+  return keep_input_leaves(scores, tokens, t, bracket_deltas, word_starts, leaves, eos_id,
+                           max_open_run)
+
+
+def _leaves(inputs: Array, input_mask: Array | None, word_starts: Array | None) -> Array | None:
+  """The input's pieces [B, S] (0 where masked) when the tree's leaves must be them, else None."""
+  if word_starts is None:
+    return None
+  if not jnp.issubdtype(inputs.dtype, jnp.integer) or inputs.ndim != 2:
+    raise ValueError(f"word_starts needs text inputs (int [B, S]), got {inputs.dtype} "
+                     f"{inputs.shape}")
+  return inputs if input_mask is None else jnp.where(input_mask, inputs, PAD_ID)
+
+
 def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int,
-                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None) -> Array:
+                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
+                 word_starts: Array | None = None, leaves: Array | None = None,
+                 max_open_run: int = 0) -> Array:
   """The argmax loop of both greedy decoders.
 
   Args:
@@ -113,6 +194,7 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
     state: its initial state.
     no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
     bracket_deltas: of `keep_brackets_balanced` (None: off).
+    word_starts, leaves, max_open_run: of `keep_input_leaves` (None: off).
   Returns:
     tokens int32 [B, T].
   """
@@ -125,7 +207,8 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
     t, tokens, prev, finished, state = carry
     logits, state = step(state, tokens, prev, t)  # [B, V]
     logits = ban_repeated_ngrams(_mask_pad(logits), tokens, t, no_repeat_ngram)
-    logits = keep_brackets_balanced(logits, tokens, t, bracket_deltas, eos_id)
+    logits = _tree_rules(logits, tokens, t, eos_id, bracket_deltas, word_starts, leaves,
+                         max_open_run)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     token = jnp.where(finished, PAD_ID, token)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)  # [B, T]
@@ -137,8 +220,8 @@ def _greedy_loop(step: Callable, state, batch: int, max_length: int, eos_id: int
 
 
 def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_length: int,
-           eos_id: int = EOS_ID, no_repeat_ngram: int = 0,
-           bracket_deltas: Array | None = None) -> Array:
+           eos_id: int = EOS_ID, no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
+           word_starts: Array | None = None, max_open_run: int = 0) -> Array:
   """Greedy decoding with the incremental cache.
 
   Args:
@@ -150,6 +233,9 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     eos_id: end-of-sequence id; a value no token takes (e.g. -1) decodes all T positions.
     no_repeat_ngram: forbid repeating an n-gram of this size (`ban_repeated_ngrams`; 0: off).
     bracket_deltas: int [V] for outputs that are trees (`keep_brackets_balanced`; None: off).
+    word_starts: bool [V] for trees whose leaves are the input's pieces (text inputs, with
+      `bracket_deltas`; `keep_input_leaves`; None: off).
+    max_open_run: with `word_starts`, the most brackets opened in a row (0: no limit).
   Returns:
     tokens int32 [B, T]: argmax ids up to and including EOS, 0 after it.
   """
@@ -161,12 +247,14 @@ def greedy(model, task, inputs: Array, input_mask: Array | None = None, *, max_l
     return model.decode_step(task, state, prev, t)
 
   return _greedy_loop(step, state, enc.shape[0], max_length, eos_id, no_repeat_ngram,
-                      bracket_deltas)
+                      bracket_deltas, word_starts, _leaves(inputs, input_mask, word_starts),
+                      max_open_run)
 
 
 def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = None, *,
                       max_length: int, eos_id: int = EOS_ID, no_repeat_ngram: int = 0,
-                      bracket_deltas: Array | None = None) -> Array:
+                      bracket_deltas: Array | None = None,
+                      word_starts: Array | None = None, max_open_run: int = 0) -> Array:
   """Greedy decoding without a cache: the slow reference for `greedy`.
 
   Position t runs the whole teacher-forced forward pass (encoder included) on the targets decoded
@@ -184,7 +272,8 @@ def full_rerun_greedy(model, task, inputs: Array, input_mask: Array | None = Non
     return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), state  # [B, V]
 
   return _greedy_loop(step, (), inputs.shape[0], max_length, eos_id, no_repeat_ngram,
-                      bracket_deltas)
+                      bracket_deltas, word_starts, _leaves(inputs, input_mask, word_starts),
+                      max_open_run)
 
 
 def gnmt_length_penalty(length: Array | int, alpha: float) -> Array:
@@ -214,6 +303,7 @@ def _top_k_beams(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
 def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, beam_size: int,
                 max_length: int, length_penalty: float = 0.6, eos_id: int = EOS_ID,
                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
+                word_starts: Array | None = None, max_open_run: int = 0,
                 return_all: bool = False) -> tuple[Array, Array]:
   """Beam search with the incremental cache.
 
@@ -238,6 +328,9 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
       token is -inf, not renormalised: `ban_repeated_ngrams`; 0: off).
     bracket_deltas: int [V] for outputs that are trees: a beam only grows into a well-formed one
       (`keep_brackets_balanced`, -inf likewise; None: off).
+    word_starts: bool [V]: and only into one whose leaves are the input's pieces
+      (`keep_input_leaves`; None: off), opening at most `max_open_run` brackets in a row (0: no
+      limit).
     return_all: return all N hypotheses, best first, instead of the best one.
   Returns:
     tokens int32 [B, T] (or [B, N, T] with `return_all`), 0 after EOS, and their scores float32
@@ -248,6 +341,9 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
   batch, state = enc.shape[0], model.init_decode_state(task, enc, enc_mask, max_length)
   state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)  # leaves [B * N, ...]
   best_possible_penalty = gnmt_length_penalty(max_length, length_penalty)
+  leaves = _leaves(inputs, input_mask, word_starts)
+  if leaves is not None:
+    leaves = jnp.repeat(leaves, n, axis=0)  # [B * N, S]
 
   def cond(carry):
     t, _, alive_logp, _, finished_scores, _ = carry
@@ -266,8 +362,8 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     log_probs = jax.nn.log_softmax(_mask_pad(logits.astype(jnp.float32)))  # [B * N, V]
     log_probs = ban_repeated_ngrams(log_probs, alive_seqs.reshape(batch * n, -1), t,
                                     no_repeat_ngram)
-    log_probs = keep_brackets_balanced(log_probs, alive_seqs.reshape(batch * n, -1), t,
-                                       bracket_deltas, eos_id)
+    log_probs = _tree_rules(log_probs, alive_seqs.reshape(batch * n, -1), t, eos_id,
+                            bracket_deltas, word_starts, leaves, max_open_run)
     candidates = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
 
     # Top 2N candidates: token and parent beam of each.
@@ -321,8 +417,9 @@ METHODS = ("greedy", "beam", "full_rerun")
 
 def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
                  beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = EOS_ID,
-                 no_repeat_ngram: int = 0,
-                 bracket_deltas: Array | None = None) -> Callable[..., Array]:
+                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
+                 word_starts: Array | None = None,
+                 max_open_run: int = 0) -> Callable[..., Array]:
   """A jitted pure decoder `fn(state, inputs, input_mask=None) -> tokens int32 [B, T]`.
 
   Args:
@@ -335,6 +432,9 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     no_repeat_ngram: n of `ban_repeated_ngrams` (0: off).
     bracket_deltas: int [V] of `keep_brackets_balanced` for a task whose outputs are trees
       (`Tokenizer.bracket_deltas`; None: off).
+    word_starts: bool [V] of `keep_input_leaves` for trees whose leaves are the input's pieces
+      (`Tokenizer.word_starts`; None: off).
+    max_open_run: with `word_starts`, the most brackets opened in a row (0: no limit).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
@@ -347,9 +447,11 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     if method == "beam":
       return beam_search(model, task, inputs, input_mask, beam_size=beam_size,
                          max_length=max_length, length_penalty=length_penalty, eos_id=eos_id,
-                         no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas)[0]
+                         no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
+                         word_starts=word_starts, max_open_run=max_open_run)[0]
     fn = greedy if method == "greedy" else full_rerun_greedy
     return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
-              no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas)
+              no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
+              word_starts=word_starts, max_open_run=max_open_run)
 
   return decode

@@ -38,6 +38,11 @@ def bracket_deltas(task: Task, tokenizer: Tokenizer | None) -> np.ndarray | None
   return tokenizer.bracket_deltas() if task.balanced_brackets and tokenizer else None
 
 
+def word_starts(task: Task, tokenizer: Tokenizer | None) -> np.ndarray | None:
+  """The decoder's word-start table of a task whose trees' leaves are its input, else None."""
+  return tokenizer.word_starts() if task.leaves_are_input and tokenizer else None
+
+
 def _model_keys(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "example_index"}
 
@@ -49,7 +54,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
 
   Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
   repeating an n-gram of size `no_repeat_ngram` (0: no such rule; `decode.ban_repeated_ngrams`);
-  a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`).
+  a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`),
+  over exactly its input's words with `leaves_are_input` (`decode.keep_input_leaves`).
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
   for sequence targets (when decoding), class indices for label targets.
@@ -77,7 +83,9 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     decoder = decode_lib.make_decoder(graphdef, spec, method=decode, beam_size=beam_size,
                                       max_length=task.max_target_length,
                                       no_repeat_ngram=no_repeat_ngram,
-                                      bracket_deltas=bracket_deltas(task, tokenizer))
+                                      bracket_deltas=bracket_deltas(task, tokenizer),
+                                      word_starts=word_starts(task, tokenizer),
+                                      max_open_run=task.max_open_run)
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):

@@ -64,7 +64,8 @@ def input_specs(task, config, batch_size: int) -> dict:
 
 
 def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
-                  bracket_deltas: np.ndarray | None = None):
+                  bracket_deltas: np.ndarray | None = None,
+                  word_starts: np.ndarray | None = None, max_open_run: int = 0):
   """The pure function a task's program holds.
 
   `fn(params, inputs, input_mask=None)`, params {"/"-joined path: array} (those of
@@ -72,7 +73,9 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
   {"classes": int32 [B, K], "probabilities": float32 [B, K]}, the K = min(5, num_classes) most
   likely classes, best first; for a text target {"tokens": int32 [B, T]}, greedy decoding with
   the incremental cache (EOS = 1 ends a sequence, 0 pads after it), into well-formed trees only
-  when `bracket_deltas` is given (`decode.keep_brackets_balanced`).
+  when `bracket_deltas` is given (`decode.keep_brackets_balanced`), over exactly the input's
+  pieces as leaves when `word_starts` is too, at most `max_open_run` brackets opened in a row
+  (`decode.keep_input_leaves`).
   """
   spec = evaluation.task_spec(task)
 
@@ -84,7 +87,8 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
       probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits), min(TOP_K, task.num_classes))
       return {"classes": classes.astype(jnp.int32), "probabilities": probabilities}  # [B, K]
     tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length,
-                           bracket_deltas=bracket_deltas)
+                           bracket_deltas=bracket_deltas, word_starts=word_starts,
+                           max_open_run=max_open_run)
     return {"tokens": tokens}  # [B, T]
 
   return fn
@@ -174,7 +178,9 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   for task in task_list:
     length = max_decode_length or task.max_target_length
     fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length,
-                       bracket_deltas=evaluation.bracket_deltas(task, tokenizer))
+                       bracket_deltas=evaluation.bracket_deltas(task, tokenizer),
+                       word_starts=evaluation.word_starts(task, tokenizer),
+                       max_open_run=task.max_open_run)
     specs = [jax.ShapeDtypeStruct(shape, dtype)
              for shape, dtype in input_specs(task, run.config, batch_size).values()]
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)

@@ -346,3 +346,108 @@ def test_decoders_only_write_well_formed_trees(decoders, model):
       decode.beam_search, task=TEXT_TASK, beam_size=3, max_length=T,
       bracket_deltas=TREE_DELTAS, return_all=True))(model, inputs=inputs)
   assert all(tree_prefix_ok(s) for s in np.asarray(beams).reshape(-1, T).tolist())
+
+
+# Words of the toy vocabulary for trees over their input: ids 9-31 are leaves; ids 12, 13 and
+# 20-24 continue a word (a bracket may not go before them), the rest begin one.
+WORD_STARTS = np.ones(VOCAB, bool)
+WORD_STARTS[[0, 1, 12, 13, 20, 21, 22, 23, 24]] = False
+
+
+def leaf_tree_prefix_ok(seq, leaves, max_open_run=0, word_starts=WORD_STARTS):
+  """True when `seq` is a tree prefix (`tree_prefix_ok`) whose leaves are a prefix of `leaves`, with
+  no bracket inside a word, no empty bracket, no bracket opened once every leaf is written, the
+  outermost closed only after the last leaf, and at most `max_open_run` brackets opened in a row
+  (0: any number): `keep_input_leaves` by its definition."""
+  if not tree_prefix_ok(seq):
+    return False
+  seq = [x for x in seq if x != 0]
+  written, depth, run = 0, 0, 0
+  for t, token in enumerate(seq):
+    delta = TREE_DELTAS[token]
+    if token == 1:
+      return written == len(leaves)
+    if delta == 0:  # A leaf: the next of the input's.
+      if written == len(leaves) or token != leaves[written]:
+        return False
+      written, run = written + 1, 0
+      continue
+    if 0 < written < len(leaves) and not word_starts[leaves[written]]:
+      return False  # Inside a word.
+    if delta > 0:
+      run += 1
+      if written == len(leaves) or (max_open_run and run > max_open_run):
+        return False
+    else:
+      run = 0
+      if TREE_DELTAS[seq[t - 1]] > 0:
+        return False  # Empty.
+      if depth + delta == 0 and written < len(leaves):
+        return False  # The root closes before the last leaf.
+    depth += delta
+  return True
+
+
+@pytest.mark.parametrize("max_open_run", [0, 2])
+def test_keep_input_leaves_matches_its_definition(max_open_run):
+  """Token w is allowed at t exactly when the prefix plus w is still a tree over the input."""
+  rng = np.random.default_rng(1)
+  leaves = [9, 12, 10, 20, 21, 11]  # Three words: 9 12 | 10 20 21 | 11.
+  row = jnp.asarray([leaves + [0, 0]], jnp.int32)  # [1, S], 0-padded
+  prefixes, seen = [[]], set()
+  while len(prefixes) < 300:  # Random walks through the definition's valid prefixes.
+    seq = list(prefixes[rng.integers(len(prefixes))])
+    valid = [w for w in range(1, VOCAB) if leaf_tree_prefix_ok(seq + [w], leaves, max_open_run)]
+    if len(seq) < 2 * T - 1 and valid:
+      seq.append(int(rng.choice(valid)))
+      if tuple(seq) not in seen:
+        seen.add(tuple(seq))
+        prefixes.append(seq)
+  for seq in prefixes:
+    if seq[-1:] == [1]:
+      continue  # Nothing follows an EOS.
+    t = len(seq)
+    tokens = jnp.asarray([seq + [0] * (2 * T - t)], jnp.int32)
+    scores = decode.keep_brackets_balanced(jnp.zeros((1, VOCAB)), tokens, jnp.int32(t),
+                                           TREE_DELTAS)
+    kept = np.isfinite(np.asarray(decode.keep_input_leaves(
+        scores, tokens, jnp.int32(t), TREE_DELTAS, WORD_STARTS, row,
+        max_open_run=max_open_run)))[0]
+    want = [w != 0 and leaf_tree_prefix_ok(seq + [w], leaves, max_open_run)
+            for w in range(VOCAB)]
+    want[0] = kept[0]
+    assert kept.tolist() == want, seq
+    assert kept[1:].any(), seq  # Never a dead end.
+  assert any(seq[-1:] == [1] for seq in prefixes)  # Whole trees were among them.
+  # An empty input changes nothing.
+  tokens = jnp.asarray([[3, 9] + [0] * (2 * T - 2)], jnp.int32)
+  scores = jnp.ones((1, VOCAB))
+  np.testing.assert_array_equal(decode.keep_input_leaves(
+      scores, tokens, 2, TREE_DELTAS, WORD_STARTS, jnp.zeros((1, S), jnp.int32)), scores)
+
+
+def test_decoders_write_trees_over_their_input(decoders, model):
+  """With the word table too, greedy (cached and re-run) and every beam only write prefixes of
+  trees whose leaves are the input's pieces (T = 8 positions hold few whole trees)."""
+  rng = np.random.default_rng(7)
+  inputs = np.zeros((B, S), np.int32)
+  inputs[0, :2], inputs[1, :3] = [9, 10], [11, 12, 14]  # One and two words, then two.
+  mask = jnp.asarray(inputs != 0)
+  inputs = jnp.asarray(np.where(inputs != 0, inputs, rng.integers(3, VOCAB, (B, S))), jnp.int32)
+  rules = dict(bracket_deltas=TREE_DELTAS, word_starts=WORD_STARTS, max_open_run=2)
+  cached = np.asarray(decoders("text", "greedy", **rules)(inputs, mask))
+  rerun = np.asarray(decoders("text", "full_rerun", **rules)(inputs, mask))
+  np.testing.assert_array_equal(cached, rerun)
+  leaves = [[9, 10], [11, 12, 14]]
+  for seq, row in zip(cached.tolist(), leaves):
+    assert leaf_tree_prefix_ok(seq, row, max_open_run=2), seq
+  balanced = np.asarray(decoders("text", "greedy", bracket_deltas=TREE_DELTAS)(inputs, mask))
+  assert not all(leaf_tree_prefix_ok(s, r) for s, r in zip(balanced.tolist(), leaves))
+  beams, _ = nnx.jit(functools.partial(
+      decode.beam_search, task=TEXT_TASK, beam_size=3, max_length=T, return_all=True,
+      **rules))(model, inputs=inputs, input_mask=mask)
+  for hypotheses, row in zip(np.asarray(beams).tolist(), leaves):
+    assert all(leaf_tree_prefix_ok(s, row, max_open_run=2) for s in hypotheses)
+  with pytest.raises(ValueError, match="word_starts needs text inputs"):
+    decode.greedy(model, TaskSpec("image", "text", command_id=1), jnp.zeros((B, 16, 16, 3)),
+                  max_length=T, bracket_deltas=TREE_DELTAS, word_starts=WORD_STARTS)

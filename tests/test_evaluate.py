@@ -123,7 +123,8 @@ def bracket_depths(tree: str) -> list[int]:
 
 def test_tree_outputs_keep_their_brackets_balanced(workdir):
   """parse_en's outputs (`balanced_brackets`) open one tree, never close an unopened bracket and
-  end where it closes, even from this barely trained model (which writes no trees of its own)."""
+  end where it closes, and their words are the input's (`leaves_are_input`), even from this barely
+  trained model (which writes no trees of its own)."""
   from multimodel import evaluation  # pylint: disable=import-outside-toplevel
   run = checkpoint.load_run(workdir)
   graphdef, params = evaluate.model_from_run(run)
@@ -133,13 +134,20 @@ def test_tree_outputs_keep_their_brackets_balanced(workdir):
   def outputs(task):
     report = evaluation.evaluate_task(graphdef, params, task, tokenizer,
                                       InputConfig.from_config(run.config), max_examples=4)
-    return [d["prediction"] for d in report["decoded"]]
+    return [(d["prediction"], d["reference"]) for d in report["decoded"]]
 
-  for tree in outputs(task):
+  def over_its_words(tree, reference):  # Some words, the first of the input's (a prefix).
+    words = " ".join(tasks.tree_leaves(tree))
+    return bool(words) and " ".join(tasks.tree_leaves(reference)).startswith(words)
+
+  for tree, reference in outputs(task):
     depths = bracket_depths(tree)
     assert tree.startswith("(") and min(depths) >= 0 and 0 not in depths[:-1], tree
-  plain = outputs(dataclasses.replace(task, balanced_brackets=False))
-  assert not all(tree.startswith("(") for tree in plain)  # The rule had work to do.
+    assert over_its_words(tree, reference), (tree, reference)
+  balanced = outputs(dataclasses.replace(task, leaves_are_input=False))
+  assert not all(over_its_words(*pair) for pair in balanced)  # The rules had work to do.
+  plain = outputs(dataclasses.replace(task, balanced_brackets=False, leaves_are_input=False))
+  assert not all(tree.startswith("(") for tree, _ in plain)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -197,9 +197,10 @@ def test_programs_reproduce_the_models_predictions(run, full_export):
 
 
 def test_tree_programs_decode_with_the_bracket_rule(run):
-  """A task with `balanced_brackets` (parse_en) gets the tokenizer's bracket table in its program:
-  it decodes as the evaluation's decoder with that table does, and its random-weight outputs,
-  which would otherwise not be trees, open one and never close more brackets than it opened."""
+  """A task with `balanced_brackets` and `leaves_are_input` (parse_en) gets the tokenizer's bracket
+  and word tables in its program: it decodes as the evaluation's decoder with them does, and its
+  random-weight outputs, which would otherwise not be trees, open one, never close more brackets
+  than it opened, and write the input's pieces as their words."""
   task = tasks_lib.get("parse_en")
   tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
   deltas = evaluation.bracket_deltas(task, tokenizer)
@@ -208,10 +209,14 @@ def test_tree_programs_decode_with_the_bracket_rule(run):
   model = MultiModel(run.config.model, rngs=nnx.Rngs(1))
   graphdef, params = nnx.split(model, nnx.Param)
   flat = dict(zip(checkpoint.param_keys(params), jax.tree.leaves(params)))
+  starts = evaluation.word_starts(task, tokenizer)
+  assert starts is not None and evaluation.word_starts(tasks_lib.get("translate_en_fr"),
+                                                       tokenizer) is None
+  rules = dict(bracket_deltas=deltas, word_starts=starts, max_open_run=task.max_open_run)
   fn = jax.jit(export.prediction_fn(graphdef, params, task, max_decode_length=DECODE_LENGTH,
-                                    bracket_deltas=deltas))
+                                    **rules))
   decoder = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH,
-                                bracket_deltas=deltas)
+                                **rules)
   inputs = np.zeros((2, task.max_input_length), np.int32)  # [2, S]
   for row, index in enumerate((0, 1)):
     ids = pipeline_input("parse_en", index, tokenizer)
@@ -220,6 +225,9 @@ def test_tree_programs_decode_with_the_bracket_rule(run):
   np.testing.assert_array_equal(tokens, np.asarray(decoder(params, inputs)))
   deltas = np.pad(deltas, (0, run.config.model.vocab_size - len(deltas)))  # Ids past the tokens.
   assert all(tree_prefix_ok(row.tolist(), deltas=deltas) for row in tokens)
+  for row, words in zip(tokens, inputs):  # Its leaves are the input's first pieces.
+    leaves = [i for i in row.tolist() if deltas[i] == 0 and i > 1]
+    assert leaves == words[:len(leaves)].tolist(), (row, words)
 
 
 def test_subset_export_keeps_only_the_nets_it_needs(image_export, full_export, tmp_path, capsys):
