@@ -73,6 +73,13 @@ def ban_repeated_ngrams(scores: Array, tokens: Array, t: Array | int, n: int) ->
   return jnp.where(banned, NEG_INF, scores)
 
 
+def _per_id(table: Array, vocab: int, dtype) -> Array:
+  """A tokenizer's table [V'] over the model's V >= V' ids: the ids past the tokenizer's are
+  padded with 0 (no bracket, not a word start)."""
+  table = jnp.asarray(table, dtype)
+  return jnp.pad(table, (0, vocab - table.shape[0]))
+
+
 def keep_brackets_balanced(scores: Array, tokens: Array, t: Array | int, deltas: Array | None,
                            eos_id: int = EOS_ID) -> Array:
   """Keeps a bracketed output (a linearised tree) well-formed: one outermost bracket, balanced.
@@ -93,9 +100,7 @@ def keep_brackets_balanced(scores: Array, tokens: Array, t: Array | int, deltas:
   """
   if deltas is None:
     return scores
-  deltas = jnp.asarray(deltas, jnp.int32)
-  # The model's vocabulary may be larger than the tokenizer's: ids past it hold no brackets.
-  deltas = jnp.pad(deltas, (0, scores.shape[-1] - deltas.shape[0]))  # [V]
+  deltas = _per_id(deltas, scores.shape[-1], jnp.int32)  # [V]
   depth = jnp.sum(deltas[tokens], axis=-1)  # [B]: the pad id after position t has delta 0.
   is_eos = jnp.arange(scores.shape[-1]) == eos_id  # [V]
   allowed = jnp.where(
@@ -132,8 +137,8 @@ def keep_input_leaves(scores: Array, tokens: Array, t: Array | int, deltas: Arra
     scores [B, V] with the forbidden tokens at -inf.
   """
   vocab = scores.shape[-1]
-  deltas = jnp.pad(jnp.asarray(deltas, jnp.int32), (0, vocab - deltas.shape[0]))  # [V]
-  word_starts = jnp.pad(jnp.asarray(word_starts, bool), (0, vocab - word_starts.shape[0]))
+  deltas = _per_id(deltas, vocab, jnp.int32)  # [V]
+  word_starts = _per_id(word_starts, vocab, bool)  # [V]
   ids = jnp.arange(vocab)  # [V]
   is_leaf = (deltas[tokens] == 0) & (tokens != PAD_ID) & (tokens != eos_id)  # [B, T]
   written = jnp.sum(is_leaf, axis=-1)  # [B]: c
