@@ -120,9 +120,10 @@ def keep_input_leaves(scores: Array, tokens: Array, t: Array | int, deltas: Arra
   written: the next leaf must be piece c (there is none once c = n); a bracket opens only while
   pieces remain and closes only after a leaf (no empty constituent), neither inside a word (before
   a piece that continues one); the outermost bracket closes (and so the tree ends) only once all
-  n pieces are written (the input holds no brackets). With `max_open_run` = m > 0, at most m brackets open in a row (without a
-  leaf or a close between them): a model that does not want the next word otherwise tends to open
-  bracket after bracket until the length runs out. An empty input (n = 0) changes nothing.
+  n pieces are written (the input holds no brackets). With `max_open_run` = m > 0, at most m
+  brackets open in a row (without a leaf or a close between them): a model that does not want the
+  next word otherwise tends to open bracket after bracket until the length runs out. An empty
+  input (n = 0) changes nothing.
 
   Args:
     scores: logits or log-probabilities [B, V] of position t.
@@ -147,12 +148,11 @@ def keep_input_leaves(scores: Array, tokens: Array, t: Array | int, deltas: Arra
   following = jnp.take_along_axis(
       leaves, jnp.minimum(written, leaves.shape[1] - 1)[:, None], axis=1)[:, 0]  # [B]
   in_word = remain & (written > 0) & ~word_starts[following]  # [B]: piece c continues a word
-  prev = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
-  after_open = (t > 0) & (deltas[prev] > 0)  # [B]
   positions = jnp.arange(tokens.shape[1])
   not_open = (deltas[tokens] <= 0) & (positions < t)  # [B, T]
-  last = jnp.max(jnp.where(not_open, positions, -1), axis=-1)  # [B]
-  may_open = (t - 1 - last < max_open_run) if max_open_run else True  # [B]: t - 1 - last opened
+  opened = t - 1 - jnp.max(jnp.where(not_open, positions, -1), axis=-1)  # [B]: in a row, to t
+  after_open = opened > 0  # [B]
+  may_open = (opened < max_open_run) if max_open_run else True  # [B]
   depth = jnp.sum(deltas[tokens], axis=-1)  # [B]
   allowed = (
       (remain[:, None] & (ids[None, :] == following[:, None]))  # The next leaf.
