@@ -83,7 +83,7 @@ def run_task(run: checkpoint.Run, name: str):
 
 def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test",
              step: int | None = None, decode: str = "greedy", beam_size: int = 4,
-             no_repeat_ngram: int = 0, max_examples: int = 0,
+             no_repeat_ngram: int | None = None, max_examples: int = 0,
              data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
   """Evaluates `task_name` on `split` with checkpoint `step` of the run in `workdir`.
 
@@ -106,7 +106,8 @@ def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test"
       max_examples=max_examples, decode=decode, beam_size=beam_size,
       no_repeat_ngram=no_repeat_ngram)
   report = {"task": task.name, "split": split, "step": run.step, "decode": decode,
-            "no_repeat_ngram": no_repeat_ngram, "max_examples": max_examples, **results}
+            "no_repeat_ngram": evaluation.resolve_no_repeat_ngram(task, no_repeat_ngram),
+            "max_examples": max_examples, **results}
   out = run.workdir / "eval" / f"{task.name}-{split}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1) + "\n")
@@ -123,15 +124,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--decode", default="greedy", choices=("greedy", "beam", "none"),
                       help="Decoding of sequence targets ('none': teacher-forced metrics only).")
   parser.add_argument("--beam_size", type=int, default=4, help="Beams of --decode=beam.")
-  parser.add_argument("--no_repeat_ngram", type=int, default=0,
-                      help="Never repeat an n-gram of this size in an output (0: off).")
+  parser.add_argument("--no_repeat_ngram", type=int, default=None,
+                      help="Never repeat an n-gram of this size in an output (0: off; default: "
+                           "the task's own, 3 for translation).")
   parser.add_argument("--max_examples", type=int, default=0,
                       help="Evaluate the first N examples of the split (0: all).")
   parser.add_argument("--data_dir", default=None,
                       help="Prepared data (default: the run's data_dir, else $MULTIMODEL_DATA_DIR "
                            "or ~/.cache/multimodel).")
   args = parser.parse_args(argv)
-  if args.beam_size < 1 or args.max_examples < 0 or args.no_repeat_ngram < 0:
+  if args.beam_size < 1 or args.max_examples < 0 or (args.no_repeat_ngram or 0) < 0:
     parser.error("--beam_size must be >= 1, --max_examples and --no_repeat_ngram >= 0")
   return args
 

@@ -43,17 +43,27 @@ def word_starts(task: Task, tokenizer: Tokenizer | None) -> np.ndarray | None:
   return tokenizer.word_starts() if task.leaves_are_input and tokenizer else None
 
 
+def resolve_no_repeat_ngram(task: Task, no_repeat_ngram: int | None) -> int:
+  """The n-gram size a task is decoded with: `no_repeat_ngram` when given, else the task's own;
+  0 for trees (`balanced_brackets`), whose brackets repeat by right."""
+  if task.balanced_brackets:
+    return 0
+  return task.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
+
+
 def _model_keys(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "example_index"}
 
 
 def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                   input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
-                  decode: str = "greedy", beam_size: int = 4, no_repeat_ngram: int = 0) -> dict:
+                  decode: str = "greedy", beam_size: int = 4,
+                  no_repeat_ngram: int | None = None) -> dict:
   """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
 
   Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
-  repeating an n-gram of size `no_repeat_ngram` (0: no such rule; `decode.ban_repeated_ngrams`);
+  repeating an n-gram of size `no_repeat_ngram` (None: the task's own `Task.no_repeat_ngram`; 0: no
+  such rule; `decode.ban_repeated_ngrams`; never for trees, whose brackets repeat by right);
   a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`),
   over exactly its input's words with `leaves_are_input` (`decode.keep_input_leaves`).
 
@@ -61,6 +71,7 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   for sequence targets (when decoding), class indices for label targets.
   """
   spec = task_spec(task)
+  no_repeat_ngram = resolve_no_repeat_ngram(task, no_repeat_ngram)
 
   @jax.jit
   def sums(params, batch):
@@ -127,7 +138,7 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
 
 
 def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, split="test",
-                   max_examples=0, decode="greedy", no_repeat_ngram=0, workdir=None) -> dict:
+                   max_examples=0, decode="greedy", no_repeat_ngram=None, workdir=None) -> dict:
   """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task."""
   results = {}
   for task in task_list:

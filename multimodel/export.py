@@ -65,7 +65,8 @@ def input_specs(task, config, batch_size: int) -> dict:
 
 def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
                   bracket_deltas: np.ndarray | None = None,
-                  word_starts: np.ndarray | None = None, max_open_run: int = 0):
+                  word_starts: np.ndarray | None = None, max_open_run: int = 0,
+                  no_repeat_ngram: int = 0):
   """The pure function a task's program holds.
 
   `fn(params, inputs, input_mask=None)`, params {"/"-joined path: array} (those of
@@ -75,7 +76,8 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
   the incremental cache (EOS = 1 ends a sequence, 0 pads after it), into well-formed trees only
   when `bracket_deltas` is given (`decode.keep_brackets_balanced`), over exactly the input's
   pieces as leaves when `word_starts` is too, at most `max_open_run` brackets opened in a row
-  (`decode.keep_input_leaves`).
+  (`decode.keep_input_leaves`), never repeating an n-gram of `no_repeat_ngram` tokens (0: off;
+  `decode.ban_repeated_ngrams`).
   """
   spec = evaluation.task_spec(task)
 
@@ -88,7 +90,7 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
       return {"classes": classes.astype(jnp.int32), "probabilities": probabilities}  # [B, K]
     tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length,
                            bracket_deltas=bracket_deltas, word_starts=word_starts,
-                           max_open_run=max_open_run)
+                           max_open_run=max_open_run, no_repeat_ngram=no_repeat_ngram)
     return {"tokens": tokens}  # [B, T]
 
   return fn
@@ -127,6 +129,7 @@ def task_info(task, config, *, batch_size: int, max_decode_length: int,
       "max_input_length": task.max_input_length,
       "max_target_length": task.max_target_length,
       "max_decode_length": max_decode_length if task.target_modality == "text" else None,
+      "no_repeat_ngram": task.no_repeat_ngram if task.target_modality == "text" else None,
       "metrics": list(task.metrics),
       "batch_size": batch_size,
       "inputs": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in specs.items()},
@@ -180,7 +183,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length,
                        bracket_deltas=evaluation.bracket_deltas(task, tokenizer),
                        word_starts=evaluation.word_starts(task, tokenizer),
-                       max_open_run=task.max_open_run)
+                       max_open_run=task.max_open_run, no_repeat_ngram=task.no_repeat_ngram)
     specs = [jax.ShapeDtypeStruct(shape, dtype)
              for shape, dtype in input_specs(task, run.config, batch_size).values()]
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)

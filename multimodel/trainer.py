@@ -303,9 +303,9 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   frozen = optim.freeze_mask(checkpoint.param_keys(abstract_params), train_cfg.freeze)
   if train_cfg.l2sp < 0:
     raise ValueError(f"train.l2sp must be >= 0, got {train_cfg.l2sp}")
-  if train_cfg.eval_no_repeat_ngram < 0:  # Checked now, not after training.
-    raise ValueError(f"train.eval_no_repeat_ngram must be >= 0 (0: off), got "
-                     f"{train_cfg.eval_no_repeat_ngram}")
+  if (train_cfg.eval_no_repeat_ngram or 0) < 0:  # Checked now, not after training.
+    raise ValueError(f"train.eval_no_repeat_ngram must be >= 0 (0: off; unset: each task's own), "
+                     f"got {train_cfg.eval_no_repeat_ngram}")
   if (train_cfg.l2sp > 0 and not init
       and not checkpoint.checkpoint_steps(workdir / "checkpoints")):
     raise ValueError(f"train.l2sp={train_cfg.l2sp} pulls the weights toward those of the --init "

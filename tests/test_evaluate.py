@@ -65,8 +65,9 @@ def test_classifier_report_holds_accuracy_and_predicted_classes(workdir, capsys)
 
 
 def test_no_repeat_ngram_reaches_the_decoder(workdir, capsys, monkeypatch):
-  """--no_repeat_ngram goes to the decoder (whose ban tests/test_decode.py checks) and the report."""
-  from multimodel import decode  # pylint: disable=import-outside-toplevel
+  """--no_repeat_ngram goes to the decoder (whose ban tests/test_decode.py checks) and the report;
+  without it the task's own (3 for translation), and 0 turns the rule off."""
+  from multimodel import decode, evaluation  # pylint: disable=import-outside-toplevel
   seen, make_decoder = [], decode.make_decoder
 
   def recording(*args, **kwargs):
@@ -78,6 +79,14 @@ def test_no_repeat_ngram_reaches_the_decoder(workdir, capsys, monkeypatch):
   assert evaluate.main(args + ["--no_repeat_ngram", "3"]) == 0
   report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
   assert seen == [3] and report["no_repeat_ngram"] == 3 and report["examples"] == 2
+  for flag, want in (([], 3), (["--no_repeat_ngram", "0"], 0), (["--no_repeat_ngram", "2"], 2)):
+    seen.clear()
+    assert evaluate.main(args + flag) == 0
+    report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
+    assert seen == [want] and report["no_repeat_ngram"] == want
+  tree, label = tasks.get("parse_en"), tasks.get("image_mnist5k")
+  assert [evaluation.resolve_no_repeat_ngram(tree, n) for n in (None, 0, 3)] == [0, 0, 0]
+  assert evaluation.resolve_no_repeat_ngram(label, None) == 0
   with pytest.raises(SystemExit):
     evaluate.parse_args(args + ["--no_repeat_ngram", "-1"])
   assert "--no_repeat_ngram >= 0" in capsys.readouterr().err

@@ -146,6 +146,7 @@ def test_export_folder_holds_params_config_tokenizer_tasks_and_programs(run, ful
   assert translate["command"] == "to_fr" and translate["metrics"] == ["bleu", "chrf"]
   assert translate["inputs"]["inputs"] == {"shape": [1, 128], "dtype": "int32"}
   assert translate["max_decode_length"] == DECODE_LENGTH
+  assert translate["no_repeat_ngram"] == 3 and mnist["no_repeat_ngram"] is None
   assert translate["audio_features"]["num_mel_bins"] == 80
   for name in tasks:
     assert load_program(full_export, name).in_avals[-1].shape == tuple(
@@ -179,9 +180,12 @@ def test_programs_reproduce_the_models_predictions(run, full_export):
   tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
   translate = load_program(full_export, "translate_en_fr")
   task = tasks_lib.get("translate_en_fr")
-  decoder = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH)
+  decoder = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH,
+                                no_repeat_ngram=task.no_repeat_ngram)
+  loops = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH)
+  differs = []
   # The trained weights, and random ones (their greedy outputs are long, not just EOS): the
-  # parameters are an input of the program.
+  # parameters are an input of the program, and it decodes with the task's n-gram rule.
   model = MultiModel(run.config.model, rngs=nnx.Rngs(1))
   _, random_params = nnx.split(model, nnx.Param)
   random_flat = dict(zip(checkpoint.param_keys(random_params), jax.tree.leaves(random_params)))
@@ -193,7 +197,11 @@ def test_programs_reproduce_the_models_predictions(run, full_export):
       inputs[0, :len(ids)] = ids
       tokens = np.asarray(translate.call(flat, inputs)["tokens"])  # [1, T]
       np.testing.assert_array_equal(tokens, np.asarray(decoder(state, inputs)))
+      grams = [tuple(tokens[0, i:i + 3]) for i in range(DECODE_LENGTH - 2) if tokens[0, i + 2]]
+      assert len(grams) == len(set(grams)), tokens
+      differs.append(not np.array_equal(tokens, np.asarray(loops(state, inputs))))
   assert (tokens != 0).sum() > 1
+  assert any(differs)  # Without the rule some output repeats a 3-gram: the program has the rule.
 
 
 def test_tree_programs_decode_with_the_bracket_rule(run):

@@ -92,6 +92,22 @@ def test_task_definitions_are_checked():
   with pytest.raises(ValueError, match="max_open_run must be >= 0"):
     tasks.Task("t", "s", tasks.TreeLeaves("tree"), "text", "text", "to_parse", ("bracket_f1",),
                balanced_brackets=True, leaves_are_input=True, max_open_run=-1)
+  with pytest.raises(ValueError, match="no_repeat_ngram must be >= 0"):
+    tasks.Task("t", "s", tasks.Fields("a", "b"), "text", "text", "to_text", ("bleu",),
+               no_repeat_ngram=-1)
+  for bad in (dict(balanced_brackets=True), dict(target_modality="label", num_classes=2)):
+    with pytest.raises(ValueError, match="no_repeat_ngram needs text targets that are not trees"):
+      tasks.Task("t", "s", tasks.Fields("a", "b"), "text", **{"target_modality": "text", **bad},
+                 command="to_text", metrics=("bleu",), no_repeat_ngram=3)
+
+
+def test_embedded_translation_and_speech_decode_without_repeating_trigrams():
+  """The embedded translation and speech tasks decode with the n-gram rule chosen on their
+  validation split (docs/results.md, "Decoding that does not repeat itself"); the rest without."""
+  ruled = {n for n, t in tasks.TASKS.items() if t.no_repeat_ngram}
+  assert ruled == {"translate_en_fr", "translate_fr_en", "translate_en_de", "translate_de_en",
+                   "speech_en"}
+  assert all(tasks.get(n).no_repeat_ngram == 3 for n in ruled)
 
 
 def test_installed_tasks_are_the_prepared_ones(monkeypatch):

@@ -7,6 +7,7 @@ H heads, E experts, K top-k, V vocabulary, C expert capacity.
 import copy
 
 import ml_collections
+from ml_collections import config_dict
 
 MODEL = dict(
     d_model=128,  # D: width of the shared body.
@@ -109,7 +110,9 @@ TRAIN = dict(
     eval_split="test",  # Split of the final per-task evaluation.
     eval_max_examples=1000,  # Per task, in the final evaluation (0 = the whole split).
     eval_decode="greedy",  # Decoding of sequence tasks in the final evaluation ("none" skips it).
-    eval_no_repeat_ngram=0,  # > 0: the final evaluation's outputs never repeat an n-gram this long.
+    # The final evaluation's outputs never repeat an n-gram this long (0: off; None: each task's
+    # own `Task.no_repeat_ngram`, 3 for translation).
+    eval_no_repeat_ngram=config_dict.placeholder(int),
     mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
     mesh_expert=1,  # Devices along the expert axis.
     plot=True,  # Write PNG plots into the workdir at the end.
