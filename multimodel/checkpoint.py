@@ -32,11 +32,16 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+# Keys whose default changed after they were added: what a config saved without them had.
+# `train.eval_no_repeat_ngram` was 0 (no rule) until each task got its own (None).
+EARLIER_DEFAULTS = {"train": {"eval_no_repeat_ngram": 0}}
+
+
 def with_defaults(saved: dict) -> dict:
   """A saved config (JSON) with every key added to the project since at its default.
 
-  A key's default is the behaviour runs had before the key existed (e.g. `model.norm = "post"`),
-  so an old run resumes, loads and compares as the run it was.
+  A key's default is the behaviour runs had before the key existed (e.g. `model.norm = "post"`,
+  and `EARLIER_DEFAULTS`), so an old run resumes, loads and compares as the run it was.
   """
   from multimodel.configs import common  # pylint: disable=import-outside-toplevel
 
@@ -45,7 +50,7 @@ def with_defaults(saved: dict) -> dict:
       return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
     return value
 
-  return merge(config_to_json(common.make()), saved)
+  return merge(merge(config_to_json(common.make()), EARLIER_DEFAULTS), saved)
 
 
 def meta_for(config, task_names, tokenizer_bytes: bytes | None) -> dict:

@@ -105,9 +105,8 @@ def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test"
       graphdef, params, task, tokenizer, InputConfig.from_config(run.config), split=split,
       max_examples=max_examples, decode=decode, beam_size=beam_size,
       no_repeat_ngram=no_repeat_ngram)
-  report = {"task": task.name, "split": split, "step": run.step, "decode": decode,
-            "no_repeat_ngram": evaluation.resolve_no_repeat_ngram(task, no_repeat_ngram),
-            "max_examples": max_examples, **results}
+  report = {"task": task.name, "split": split, "step": run.step, "max_examples": max_examples,
+            **results}
   out = run.workdir / "eval" / f"{task.name}-{split}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1) + "\n")
@@ -126,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--beam_size", type=int, default=4, help="Beams of --decode=beam.")
   parser.add_argument("--no_repeat_ngram", type=int, default=None,
                       help="Never repeat an n-gram of this size in an output (0: off; default: "
-                           "the task's own, 3 for translation).")
+                           "the task's own: 3 for translation and speech).")
   parser.add_argument("--max_examples", type=int, default=0,
                       help="Evaluate the first N examples of the split (0: all).")
   parser.add_argument("--data_dir", default=None,

@@ -68,7 +68,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   over exactly its input's words with `leaves_are_input` (`decode.keep_input_leaves`).
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
-  for sequence targets (when decoding), class indices for label targets.
+  for sequence targets (when decoding), class indices for label targets; `results["decode"]` and
+  `results["no_repeat_ngram"]` say how sequences were decoded ("none" and 0 when they were not).
   """
   spec = task_spec(task)
   no_repeat_ngram = resolve_no_repeat_ngram(task, no_repeat_ngram)
@@ -132,6 +133,8 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
       if name in metrics_lib.SEQUENCE_METRICS:
         results[name] = metrics_lib.SEQUENCE_METRICS[name](hyps, refs)
     results["examples"] = len(decoded)
+  results["decode"] = decode if decoder is not None else "none"
+  results["no_repeat_ngram"] = no_repeat_ngram if decoder is not None else 0
   results["seconds"] = time.time() - start
   results["decoded"] = decoded
   return results

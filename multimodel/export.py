@@ -11,7 +11,9 @@ The folder holds what `multimodel.predict` needs, and nothing that executes stor
   config.json       the run's config.
   tokenizer.model   the SentencePiece model proto (runs with text tasks).
   tasks.json        per task: modalities, command, classes, preprocessing settings (image size,
-                    audio features), length caps, metrics, and the program's input shapes.
+                    audio features), length caps, the decoding's length and n-gram rule
+                    (`max_decode_length`, `no_repeat_ngram`), metrics, and the program's input
+                    shapes.
   TASK.jaxexport    per task, a serialized `jax.export` program of the prediction function
                     `(params, inputs[, input_mask]) -> predictions` (see `prediction_fn`).
   export.json       where it came from: workdir, step, batch size, platforms, jax version.

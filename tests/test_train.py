@@ -188,6 +188,15 @@ def test_a_run_saved_before_model_norm_existed_resumes_as_post_norm(tmp_path):
     checkpoint.check_compatible(meta, config, ["image_mnist5k"], tmp_path)
 
 
+def test_eval_no_repeat_ngram_of_old_and_new_configs():
+  """Unset now (each task's own rule); a config saved before the key existed had no rule (0)."""
+  saved = checkpoint.config_to_json(tiny.get_config())
+  assert saved["train"]["eval_no_repeat_ngram"] is None
+  assert checkpoint.config_from_json(saved).train.eval_no_repeat_ngram is None
+  del saved["train"]["eval_no_repeat_ngram"]
+  assert checkpoint.config_from_json(saved).train.eval_no_repeat_ngram == 0
+
+
 def test_unknown_task_and_config_key_fail_with_valid_lists(env, tmp_path):
   environ, cache = env
   result = run(train_cmd(tmp_path, cache, "--config.data.tasks=image_mnist5k,no_such_task"),

@@ -111,7 +111,7 @@ TRAIN = dict(
     eval_max_examples=1000,  # Per task, in the final evaluation (0 = the whole split).
     eval_decode="greedy",  # Decoding of sequence tasks in the final evaluation ("none" skips it).
     # The final evaluation's outputs never repeat an n-gram this long (0: off; None: each task's
-    # own `Task.no_repeat_ngram`, 3 for translation).
+    # own `Task.no_repeat_ngram`, 3 for translation and speech).
     eval_no_repeat_ngram=config_dict.placeholder(int),
     mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
     mesh_expert=1,  # Devices along the expert axis.
