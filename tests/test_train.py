@@ -98,6 +98,9 @@ def test_cli_end_to_end(straight_run):
   for task in ("image_mnist5k", "translate_en_fr"):
     report = json.loads((workdir / "eval" / f"{task}-test.json").read_text())
     assert 0.0 <= report["token_accuracy"] <= 1.0
+    # Unset train.eval_no_repeat_ngram: each task is decoded with its own rule.
+    assert (report["decode"], report["no_repeat_ngram"]) == (
+        ("none", 0) if task == "image_mnist5k" else ("greedy", 3))
   assert (workdir / "plots" / "loss_per_task.png").stat().st_size > 0
   assert (workdir / "plots" / "expert_load.png").stat().st_size > 0
   meta = checkpoint.Checkpoints(workdir).meta()
