@@ -6,7 +6,8 @@
 #
 # pip packages go into the interpreter's environment (`--user` when that is not writable). Debian
 # packages need root (or password-less sudo); without either, the apt part is skipped with one
-# message per task it leaves unavailable, and the script still succeeds.
+# message per task it leaves unavailable, and the script still succeeds. It also installs g++, which
+# compiles the C++ CPU kernels of multimodel/kernels on first use.
 set -euo pipefail
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -27,13 +28,16 @@ declare -A APT_TASK=(
   [python3-link-grammar]=parse_en
   [r-cran-modeldata]=sentiment_reviews
   [tuxpaint-stamps-default]=caption_stamps
+  [g++]="CPU kernels"
 )
 declare -A WITHOUT=(
   [translate_en_de]="builds from the Bible only, without the Ding sentences"
   [caption_stamps SVG pictures]="are skipped (PNG stamps only)"
+  [CPU kernels]="fall back to their jax.numpy forms (slower image training steps)"
 )
 APT_PACKAGES=(dataset-fashion-mnist trans-de-en asterisk-core-sounds-en-wav asterisk-core-sounds-en
-              link-grammar python3-link-grammar r-cran-modeldata tuxpaint-stamps-default libcairo2)
+              link-grammar python3-link-grammar r-cran-modeldata tuxpaint-stamps-default libcairo2
+              g++)
 
 log() { echo "setup_sources: $*"; }
 

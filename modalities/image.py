@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multimodel import sharding
+from multimodel import kernels, sharding
 
 Array = jax.Array
 PAD1 = ((1, 1), (1, 1))
@@ -33,18 +33,49 @@ def _windows3x3(x: Array, stride: int = 1, fill: float = 0.0) -> list[Array]:
           for dy in range(3) for dx in range(3)]
 
 
+def _depthwise3x3_f32(x: Array, kernel: Array, bias: Array) -> Array:
+  """bias [C] + sum over the 9 taps of kernel [9, C] * window of x [B, H, W, C], in float32."""
+  y = bias
+  for tap, window in zip(kernel, _windows3x3(x)):
+    y = y + window * tap
+  return y
+
+
+@jax.custom_vjp
+def _depthwise3x3_op(x: Array, kernel: Array, bias: Array) -> Array:
+  return _depthwise3x3_f32(x, kernel, bias)
+
+
+def _depthwise3x3_fwd(x, kernel, bias):
+  """Under differentiation only; outside it (evaluation, decoding, export) the primal runs."""
+  if kernels.usable():
+    return kernels.depthwise3x3_forward(x, kernel, bias), (x, kernel, bias)
+  return _depthwise3x3_f32(x, kernel, bias), (x, kernel, bias)
+
+
+def _depthwise3x3_bwd(residuals, grad):
+  """On one CPU device, the C++ kernels (one pass over the rows; docs/performance.md); elsewhere,
+  and where they cannot be built, JAX's own gradient of the shifted products."""
+  if kernels.usable():
+    return kernels.depthwise3x3_backward(residuals[0], residuals[1], grad)
+  return jax.vjp(_depthwise3x3_f32, *residuals)[1](grad)
+
+
+_depthwise3x3_op.defvjp(_depthwise3x3_fwd, _depthwise3x3_bwd)
+
+
 def _depthwise3x3(conv: nnx.Conv, x: Array) -> Array:
   """`conv` (3x3, one filter per channel, padding 1) as 9 shifted multiply-adds: [B, H, W, C].
 
   Same result as calling the grouped convolution, but XLA on CPU differentiates a grouped
   convolution's kernel as a dense one (C times the FLOPs: most of an image step's backward pass);
-  shifted products differentiate into shifted products and sums (docs/performance.md).
+  shifted products differentiate into shifted products and sums, and on a CPU the C++ kernel of
+  `multimodel.kernels` computes that backward pass in one go (docs/performance.md).
   """
   kernel = conv.kernel[...].astype(conv.dtype).astype(jnp.float32)  # [3, 3, 1, C]
   kernel = kernel.reshape(9, kernel.shape[-1])  # [9, C], (dy, dx) order
-  y = conv.bias[...].astype(conv.dtype).astype(jnp.float32)  # [C]; sums in float32
-  for tap, window in zip(kernel, _windows3x3(x.astype(conv.dtype))):
-    y = y + window.astype(jnp.float32) * tap
+  bias = conv.bias[...].astype(conv.dtype).astype(jnp.float32)  # [C]; sums in float32
+  y = _depthwise3x3_op(x.astype(conv.dtype).astype(jnp.float32), kernel, bias)
   return y.astype(conv.dtype)
 
 

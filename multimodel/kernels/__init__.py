@@ -1,0 +1,137 @@
+"""Hand-written CPU kernels, called from jitted code through XLA's FFI.
+
+XLA's CPU backend runs a few of the network's operations far below the machine's speed where no
+formulation in `jax.numpy` does better (docs/performance.md). For those, a C++ source file beside
+this module is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`), for the
+machine it runs on, and cached under `$MULTIMODEL_CACHE` (default `~/.cache/multimodel`) by a hash
+of the source, the compiler command and the CPU. Nothing is built at install time and nothing is
+required: where there is no compiler, the build fails, the platform is not a CPU, or the process
+sees more than one device (an FFI call has no sharding rule), `usable()` is False and callers use
+their `jax.numpy` form, which computes the same values. `MULTIMODEL_CPU_KERNELS=0` turns the
+kernels off.
+
+Kernels only ever appear in gradients (custom VJPs), so exported inference programs never call
+them and need nothing of this package.
+
+- `depthwise3x3_forward(x, kernel, bias)` and `depthwise3x3_backward(x, kernel, grad)`: a 3x3
+  depthwise convolution (stride 1, padding 1) over [B, H, W, C] float32, and its gradient
+  (dx, dkernel [9, C], dbias [C]).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("depthwise3x3.cc")
+# FFI target name -> the library's handler symbol.
+TARGETS = {"multimodel_depthwise3x3_forward": "MultimodelDepthwise3x3Forward",
+           "multimodel_depthwise3x3_backward": "MultimodelDepthwise3x3Backward"}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+class KernelBuildError(RuntimeError):
+  """The C++ kernels could not be compiled or loaded (the message says why)."""
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MULTIMODEL_CACHE", "~/.cache/multimodel")).expanduser()
+
+
+def _cpu_signature() -> str:
+  """What `-march=native` compiles for: the CPU's model and feature flags, where Linux says."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor() or platform.machine()
+  keep = [l for l in lines if l.startswith(("model name", "flags", "Features", "CPU part"))]
+  return "\n".join(sorted(set(keep))) or platform.machine()
+
+
+def build(source: pathlib.Path = SOURCE, directory: pathlib.Path | None = None) -> pathlib.Path:
+  """Compiles `source` into a shared library (cached; safe to call from several processes)."""
+  compiler = os.environ.get("CXX", "c++")
+  if shutil.which(compiler) is None:
+    raise KernelBuildError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
+  command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}"]
+  key = hashlib.sha256("\0".join([source.read_text(), *command, jax.__version__,
+                                  _cpu_signature()]).encode()).hexdigest()[:16]
+  directory = directory or cache_dir() / "kernels"
+  library = directory / f"{source.stem}-{key}.so"
+  if library.exists():
+    return library
+  directory.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as tmp:  # Then an atomic rename into place.
+    out = pathlib.Path(tmp) / library.name
+    done = subprocess.run([*command, str(source), "-o", str(out)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+      raise KernelBuildError(f"compiling {source} failed ({' '.join(command)}):\n"
+                             f"{done.stderr[-2000:]}")
+    os.replace(out, library)
+  return library
+
+
+@functools.cache
+def _load() -> bool:
+  """Builds, loads and registers the kernels once per process; False (logged) where it fails."""
+  if os.environ.get("MULTIMODEL_CPU_KERNELS", "1") == "0":
+    log.info("CPU kernels turned off (MULTIMODEL_CPU_KERNELS=0)")
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
+  except (KernelBuildError, OSError, AttributeError) as e:
+    log.warning("CPU kernels unavailable, using the jax.numpy forms (slower on CPU): %s", e)
+    return False
+  return True
+
+
+def usable() -> bool:
+  """Whether a jitted computation traced now may call the kernels: on a single CPU device."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
+
+
+def _check(name: str, x: jax.Array, kernel: jax.Array, other: jax.Array, other_name: str,
+           other_shape: tuple) -> None:
+  if {x.dtype, kernel.dtype, other.dtype} != {jnp.dtype(jnp.float32)}:
+    raise TypeError(f"{name} takes float32; got x {x.dtype}, kernel {kernel.dtype}, "
+                    f"{other_name} {other.dtype}")
+  if x.ndim != 4 or kernel.shape != (9, x.shape[-1]) or other.shape != other_shape:
+    raise ValueError(f"{name}: expected x [B, H, W, C], kernel [9, C] and {other_name} "
+                     f"{other_shape}; got x {x.shape}, kernel {kernel.shape}, {other_name} "
+                     f"{other.shape}")
+
+
+def depthwise3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """y [B, H, W, C] = bias + sum_t kernel[t] * window_t(x), all float32.
+
+  Window t = 3 * dy + dx is x shifted by (dy - 1, dx - 1) with zero padding. Call only where
+  `usable()` is True.
+  """
+  _check("depthwise3x3_forward", x, kernel, bias, "bias", (x.shape[-1],))
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return jax.ffi.ffi_call("multimodel_depthwise3x3_forward", out)(x, kernel, bias)
+
+
+def depthwise3x3_backward(x: jax.Array, kernel: jax.Array, grad: jax.Array):
+  """(dx [B, H, W, C], dkernel [9, C], dbias [C]) of `depthwise3x3_forward`, given the gradient
+  of y; all float32. Call only where `usable()` is True."""
+  _check("depthwise3x3_backward", x, kernel, grad, "grad", x.shape)
+  c = x.shape[-1]
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((9, c), jnp.float32),
+         jax.ShapeDtypeStruct((c,), jnp.float32))
+  return jax.ffi.ffi_call("multimodel_depthwise3x3_backward", out)(x, kernel, grad)

@@ -1,0 +1,202 @@
+// Forward and backward passes of a depthwise 3x3 convolution (stride 1, zero padding 1) over NHWC float32, as
+// an XLA FFI handler for the CPU. Built and loaded by multimodel/kernels/build.py.
+//
+//   forward:  y[b, h, w, c] = bias[c] + sum_t k[t, c] * x[b, h + dy - 1, w + dx - 1, c],
+//             t = 3 * dy + dx (zero outside the image)
+//   backward: dx[b, i, j, c] = sum_t k[t, c] * g[b, i - dy + 1, j - dx + 1, c]
+//             dk[t, c]       = sum_{b, h, w} x[b, h + dy - 1, w + dx - 1, c] * g[b, h, w, c]
+//             dbias[c]       = sum_{b, h, w} g[b, h, w, c]
+//
+// XLA's CPU backend computes dk as nine shifted copies of the input, each reduced on its own
+// (docs/performance.md); this does all of it in one pass over rows of g, split into fixed chunks
+// that run on XLA's intra-op thread pool. Each chunk sums its own partial dk and dbias and the
+// partials are added in chunk order, so the result does not depend on the number of threads.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRowsPerChunk = 4;
+
+// Runs work(i) for i in [0, n) on the pool and the calling thread; returns when all are done.
+// Chunks are claimed from a shared counter, so the caller never waits for a chunk that has not
+// started: a pool with no free thread only makes the caller do more of them itself.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& work) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  const std::function<void(int64_t)>* body = &work;
+  auto run = [state, body, n] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*body)(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto copy = run;
+    pool.Schedule(std::move(copy));
+  }
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == n; });
+}
+
+ffi::Error Depthwise3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
+                               ffi::ResultBuffer<ffi::F32> y) {
+  auto dims = x.dimensions();
+  if (dims.size() != 4) {
+    return ffi::Error::InvalidArgument("depthwise3x3_forward: x must be [B, H, W, C]");
+  }
+  const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
+  if (kernel.dimensions().size() != 2 || kernel.dimensions()[0] != 9 ||
+      kernel.dimensions()[1] != C || bias.dimensions().size() != 1 || bias.dimensions()[0] != C) {
+    return ffi::Error::InvalidArgument("depthwise3x3_forward: kernel must be [9, C], bias [C]");
+  }
+  const float* xs = x.typed_data();
+  const float* ks = kernel.typed_data();
+  const float* bs = bias.typed_data();
+  float* ys = y->typed_data();
+  const int64_t row = W * C, image = H * row;
+  const int64_t chunks_per_image = (H + kRowsPerChunk - 1) / kRowsPerChunk;
+
+  ParallelFor(pool, B * chunks_per_image, [&](int64_t chunk) {
+    const int64_t b = chunk / chunks_per_image;
+    const int64_t h0 = (chunk % chunks_per_image) * kRowsPerChunk;
+    const int64_t h1 = std::min(H, h0 + kRowsPerChunk);
+    const float* xb = xs + b * image;
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        float* __restrict out = ys + b * image + h * row + w * C;
+        std::memcpy(out, bs, sizeof(float) * C);
+        for (int dy = 0; dy < 3; ++dy) {
+          const int64_t hx = h + dy - 1;
+          if (hx < 0 || hx >= H) continue;
+          for (int dxo = 0; dxo < 3; ++dxo) {
+            const int64_t wx = w + dxo - 1;
+            if (wx < 0 || wx >= W) continue;
+            const float* __restrict xv = xb + hx * row + wx * C;
+            const float* __restrict kt = ks + (3 * dy + dxo) * C;
+            for (int64_t c = 0; c < C; ++c) out[c] += kt[c] * xv[c];
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Depthwise3x3Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> grad,
+                                ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dkernel,
+                                ffi::ResultBuffer<ffi::F32> dbias) {
+  auto dims = x.dimensions();
+  if (dims.size() != 4 || grad.dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument("depthwise3x3_backward: x and grad must be [B, H, W, C]");
+  }
+  const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
+  for (int i = 0; i < 4; ++i) {
+    if (grad.dimensions()[i] != dims[i]) {
+      return ffi::Error::InvalidArgument("depthwise3x3_backward: grad's shape differs from x's");
+    }
+  }
+  if (kernel.dimensions().size() != 2 || kernel.dimensions()[0] != 9 ||
+      kernel.dimensions()[1] != C) {
+    return ffi::Error::InvalidArgument("depthwise3x3_backward: kernel must be [9, C]");
+  }
+  const float* xs = x.typed_data();
+  const float* ks = kernel.typed_data();
+  const float* gs = grad.typed_data();
+  float* dxs = dx->typed_data();
+  const int64_t row = W * C, image = H * row;
+  const int64_t chunks_per_image = (H + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t chunks = B * chunks_per_image;
+  std::vector<float> partial(chunks * 10 * C);  // Per chunk: dk [9, C], then dbias [C].
+
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t b = chunk / chunks_per_image;
+    const int64_t h0 = (chunk % chunks_per_image) * kRowsPerChunk;
+    const int64_t h1 = std::min(H, h0 + kRowsPerChunk);
+    const float* xb = xs + b * image;
+    const float* gb = gs + b * image;
+    float* acc = partial.data() + chunk * 10 * C;
+    std::memset(acc, 0, sizeof(float) * 10 * C);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        const float* __restrict gv = gb + h * row + w * C;
+        float* __restrict out = dxs + b * image + h * row + w * C;  // dx at (h, w)
+        std::memset(out, 0, sizeof(float) * C);
+        float* __restrict db = acc + 9 * C;
+        for (int64_t c = 0; c < C; ++c) db[c] += gv[c];
+        for (int dy = 0; dy < 3; ++dy) {
+          const int64_t hx = h + dy - 1;  // x's row that meets g at (h, w) under tap dy
+          const int64_t hg = h - dy + 1;  // g's row that reaches dx at (h, w) under tap dy
+          for (int dxo = 0; dxo < 3; ++dxo) {
+            const int t = 3 * dy + dxo;
+            const int64_t wx = w + dxo - 1, wg = w - dxo + 1;
+            if (hx >= 0 && hx < H && wx >= 0 && wx < W) {
+              const float* __restrict xv = xb + hx * row + wx * C;
+              float* __restrict dk = acc + t * C;
+              for (int64_t c = 0; c < C; ++c) dk[c] += xv[c] * gv[c];
+            }
+            if (hg >= 0 && hg < H && wg >= 0 && wg < W) {
+              const float* __restrict gn = gb + hg * row + wg * C;
+              const float* __restrict kt = ks + t * C;
+              for (int64_t c = 0; c < C; ++c) out[c] += kt[c] * gn[c];
+            }
+          }
+        }
+      }
+    }
+  });
+
+  float* dks = dkernel->typed_data();
+  float* dbs = dbias->typed_data();
+  std::memset(dks, 0, sizeof(float) * 9 * C);
+  std::memset(dbs, 0, sizeof(float) * C);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // In chunk order: deterministic.
+    const float* acc = partial.data() + chunk * 10 * C;
+    for (int64_t i = 0; i < 9 * C; ++i) dks[i] += acc[i];
+    for (int64_t c = 0; c < C; ++c) dbs[c] += acc[9 * C + c];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelDepthwise3x3Forward, Depthwise3x3Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [B, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel [9, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [B, H, W, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelDepthwise3x3Backward, Depthwise3x3Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [B, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel [9, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grad of y [B, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx [B, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dkernel [9, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias [C]

@@ -1,0 +1,110 @@
+"""The C++ CPU kernels of `multimodel.kernels`: built here, same values as the jax.numpy forms."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from modalities import image
+from multimodel import kernels
+
+SHAPES = [(2, 5, 7, 3), (1, 1, 1, 4), (3, 1, 6, 2), (2, 6, 1, 5), (2, 9, 8, 33)]
+
+
+def arrays(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return f(*shape), f(9, shape[-1]), f(shape[-1]), f(*shape)  # x, kernel, bias, grad of y
+
+
+def test_the_kernels_build_and_are_used_here():
+  """This machine has a compiler, so training steps on one CPU device use the kernels."""
+  assert kernels.usable(), "the C++ kernels did not build: see the warning logged above"
+  x, k, b, g = arrays((2, 5, 7, 3))
+  grad = jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(image._depthwise3x3_op(x, k, b) * g),
+                          argnums=(0, 1, 2)))
+  hlo = grad.lower(x, k, b).as_text()
+  assert "multimodel_depthwise3x3_forward" in hlo and "multimodel_depthwise3x3_backward" in hlo
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_depthwise_kernels_match_the_shifted_products(shape):
+  """Forward and backward against autodiff of the jax.numpy form; sizes 1 in H or W, odd channel
+  counts. (The forward adds in the same order, but XLA may fuse a multiply-add: not bit for bit.)"""
+  x, k, b, g = arrays(shape)
+  y, vjp = jax.vjp(image._depthwise3x3_f32, x, k, b)
+  np.testing.assert_allclose(jax.jit(kernels.depthwise3x3_forward)(x, k, b), y, rtol=1e-6,
+                             atol=1e-6)
+  got = jax.jit(kernels.depthwise3x3_backward)(x, k, g)
+  for name, ours, want in zip(["dx", "dkernel", "dbias"], got, vjp(g), strict=True):
+    assert ours.shape == want.shape, name
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_depthwise_backward_is_deterministic():
+  """Partial sums are added in a fixed order: the same bits on every call, whatever the threads."""
+  x, k, _, g = arrays((4, 37, 29, 16), seed=1)
+  backward = jax.jit(kernels.depthwise3x3_backward)
+  first = backward(x, k, g)
+  for _ in range(3):
+    for a, b in zip(first, backward(x, k, g), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_stem_gradients_with_and_without_the_kernels(monkeypatch):
+  """The image stem's depthwise conv differentiates the same either way, in a model's own params."""
+  block = image._SepConv2D(6, 10, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 5, 6)), jnp.float32)
+  probe = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 5, 6)), jnp.float32)
+  graphdef, params = nnx.split(block.depthwise)
+
+  def grads():  # Traced afresh on each call, so `usable` is asked again.
+    loss = lambda p, y: jnp.sum(image._depthwise3x3(nnx.merge(graphdef, p), y) * probe)
+    return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
+
+  with_kernels = grads()
+  monkeypatch.setattr(kernels, "usable", lambda: False)
+  for ours, reference in zip(with_kernels, grads(), strict=True):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_never_calls_the_kernels():
+  """Outside differentiation the stem runs the jax.numpy form: exported programs need no kernel."""
+  block = image._SepConv2D(3, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 5, 5, 3), jnp.float32)
+  exported = jax.export.export(jax.jit(lambda x: block(x)))(x)
+  assert "multimodel_depthwise3x3" not in exported.mlir_module()
+
+
+def test_build_errors_name_the_cause(tmp_path, monkeypatch):
+  """No compiler, or a source that does not compile: KernelBuildError saying which and why."""
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  with pytest.raises(kernels.KernelBuildError, match="no-such-compiler"):
+    kernels.build(directory=tmp_path)
+  monkeypatch.delenv("CXX")
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  with pytest.raises(kernels.KernelBuildError, match="broken.cc"):
+    kernels.build(broken, directory=tmp_path)
+  assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_build_is_cached(tmp_path):
+  """A second build of the same source is the same file, not compiled again."""
+  first = kernels.build(directory=tmp_path)
+  mtime = first.stat().st_mtime_ns
+  assert kernels.build(directory=tmp_path) == first and first.stat().st_mtime_ns == mtime
+  assert pathlib.Path(first).suffix == ".so"
+
+
+def test_kernels_reject_wrong_shapes_and_dtypes():
+  x, k, b, g = arrays((2, 5, 7, 3))
+  with pytest.raises(ValueError, match="kernel"):
+    kernels.depthwise3x3_forward(x, k[:4], b)
+  with pytest.raises(ValueError, match="grad"):
+    kernels.depthwise3x3_backward(x, k, g[:1])
+  with pytest.raises(TypeError, match="bfloat16"):
+    kernels.depthwise3x3_forward(x.astype(jnp.bfloat16), k, b)
