@@ -108,13 +108,37 @@ def _dense3x3(conv: nnx.Conv, x: Array) -> Array:
   return y.reshape(b, h, w, kernel.shape[-1])
 
 
+def _max_pool3x3s2_slices(x: Array) -> Array:
+  return functools.reduce(jnp.maximum, _windows3x3(x, 2, fill=-jnp.inf))
+
+
+@jax.custom_vjp
 def _max_pool3x3s2(x: Array) -> Array:
   """3x3 max pool, stride 2, padding 1, as the maximum of 9 strided slices: [B, H, W, C].
 
   The same values and gradient as `nnx.max_pool` (apart from exact ties), but XLA's CPU backward
-  of a pooling window (select-and-scatter) is about 8x slower than that of the slices.
+  of a pooling window (select-and-scatter) is about 8x slower than that of the slices; on one CPU
+  device a C++ kernel does the backward pass in one go (docs/performance.md).
   """
-  return functools.reduce(jnp.maximum, _windows3x3(x, 2, fill=-jnp.inf))
+  return _max_pool3x3s2_slices(x)
+
+
+def _max_pool3x3s2_fwd(x):
+  """Under differentiation only: the kernel keeps the winning tap of each output for the backward."""
+  if kernels.usable() and x.dtype == jnp.float32:
+    y, taps = kernels.max_pool3x3s2_forward(x)
+    return y, (taps, x.shape)
+  return _max_pool3x3s2_slices(x), (x, None)
+
+
+def _max_pool3x3s2_bwd(residuals, grad):
+  kept, shape = residuals
+  if shape is not None:  # The kernel's taps.
+    return (kernels.max_pool3x3s2_backward(kept, grad, shape),)
+  return jax.vjp(_max_pool3x3s2_slices, kept)[1](grad)
+
+
+_max_pool3x3s2.defvjp(_max_pool3x3s2_fwd, _max_pool3x3s2_bwd)
 
 
 class _SepConv2D(nnx.Module):

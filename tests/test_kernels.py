@@ -28,6 +28,9 @@ def test_the_kernels_build_and_are_used_here():
                           argnums=(0, 1, 2)))
   hlo = grad.lower(x, k, b).as_text()
   assert "multimodel_depthwise3x3_forward" in hlo and "multimodel_depthwise3x3_backward" in hlo
+  pool = jax.jit(jax.value_and_grad(lambda x: jnp.sum(image._max_pool3x3s2(x) ** 2)))
+  hlo = pool.lower(x).as_text()
+  assert "multimodel_max_pool3x3s2_forward" in hlo and "multimodel_max_pool3x3s2_backward" in hlo
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -42,6 +45,38 @@ def test_depthwise_kernels_match_the_shifted_products(shape):
   for name, ours, want in zip(["dx", "dkernel", "dbias"], got, vjp(g), strict=True):
     assert ours.shape == want.shape, name
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def nnx_pool(x):
+  return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 8, 6, 4), (1, 2, 3, 5)])
+def test_max_pool_kernels_match_nnx(shape):
+  """Values bit for bit, winning taps, and gradients against nnx.max_pool (select-and-scatter),
+  odd and even sizes."""
+  x, *_ = arrays(shape)
+  y, taps = jax.jit(kernels.max_pool3x3s2_forward)(x)
+  np.testing.assert_array_equal(y, nnx_pool(x))
+  padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  dy, dx = np.asarray(taps) // 3, np.asarray(taps) % 3  # The tap points at the maximum.
+  b, i, j, c = np.indices(y.shape)
+  np.testing.assert_array_equal(padded[b, 2 * i + dy, 2 * j + dx, c], y)
+  probe = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * probe)))(x)
+  np.testing.assert_array_equal(grad(image._max_pool3x3s2), grad(nnx_pool))
+
+
+def test_max_pool_kernel_keeps_nan_and_gives_ties_to_the_first_tap():
+  """A NaN anywhere in a window makes its output NaN (so the trainer sees a non-finite loss); of
+  equal maxima the first tap in (dy, dx) order takes the whole gradient."""
+  x = jnp.zeros((1, 4, 4, 2), jnp.float32).at[0, 1, 1, 0].set(jnp.nan)
+  y, taps = jax.jit(kernels.max_pool3x3s2_forward)(x)
+  assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[0, 1, 1, 0]) and not np.isnan(y[0, 0, 0, 1])
+  np.testing.assert_array_equal(taps[0, :, :, 1], [[4, 3], [1, 0]])
+  dx = jax.jit(kernels.max_pool3x3s2_backward, static_argnums=2)(
+      taps, jnp.ones(y.shape, jnp.float32), x.shape)
+  assert float(dx[..., 1].sum()) == 4.0 and float(dx[0, 0, 0, 1]) == 1.0
 
 
 def test_depthwise_backward_is_deterministic():
@@ -108,3 +143,7 @@ def test_kernels_reject_wrong_shapes_and_dtypes():
     kernels.depthwise3x3_backward(x, k, g[:1])
   with pytest.raises(TypeError, match="bfloat16"):
     kernels.depthwise3x3_forward(x.astype(jnp.bfloat16), k, b)
+  with pytest.raises(ValueError, match="float32"):
+    kernels.max_pool3x3s2_forward(x.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="pooled"):
+    kernels.max_pool3x3s2_backward(jnp.zeros((2, 3, 4, 3), jnp.uint8), g, x.shape)

@@ -16,6 +16,9 @@ them and need nothing of this package.
 - `depthwise3x3_forward(x, kernel, bias)` and `depthwise3x3_backward(x, kernel, grad)`: a 3x3
   depthwise convolution (stride 1, padding 1) over [B, H, W, C] float32, and its gradient
   (dx, dkernel [9, C], dbias [C]).
+- `max_pool3x3s2_forward(x)` and `max_pool3x3s2_backward(taps, grad, shape)`: a 3x3 max pool,
+  stride 2, padding 1, with the tap that won each output, and the gradient that hands each
+  output's gradient to that tap's input.
 """
 
 import ctypes
@@ -34,10 +37,12 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("depthwise3x3.cc")
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 # FFI target name -> the library's handler symbol.
 TARGETS = {"multimodel_depthwise3x3_forward": "MultimodelDepthwise3x3Forward",
-           "multimodel_depthwise3x3_backward": "MultimodelDepthwise3x3Backward"}
+           "multimodel_depthwise3x3_backward": "MultimodelDepthwise3x3Backward",
+           "multimodel_max_pool3x3s2_forward": "MultimodelMaxPool3x3s2Forward",
+           "multimodel_max_pool3x3s2_backward": "MultimodelMaxPool3x3s2Backward"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -135,3 +140,31 @@ def depthwise3x3_backward(x: jax.Array, kernel: jax.Array, grad: jax.Array):
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((9, c), jnp.float32),
          jax.ShapeDtypeStruct((c,), jnp.float32))
   return jax.ffi.ffi_call("multimodel_depthwise3x3_backward", out)(x, kernel, grad)
+
+
+def max_pool3x3s2_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(y [B, H', W', C], winning tap uint8 [B, H', W', C]) of a 3x3 max pool, stride 2, padding 1.
+
+  H' = (H - 1) // 2 + 1. The tap t = 3 * dy + dx is the first maximum in t order (a NaN wins).
+  Call only where `usable()` is True.
+  """
+  if x.dtype != jnp.float32 or x.ndim != 4:
+    raise ValueError(f"max_pool3x3s2_forward takes float32 [B, H, W, C]; got {x.dtype} "
+                     f"{x.shape}")
+  b, h, w, c = x.shape
+  pooled = (b, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c)
+  out = (jax.ShapeDtypeStruct(pooled, jnp.float32), jax.ShapeDtypeStruct(pooled, jnp.uint8))
+  return jax.ffi.ffi_call("multimodel_max_pool3x3s2_forward", out)(x)
+
+
+def max_pool3x3s2_backward(taps: jax.Array, grad: jax.Array, shape: tuple) -> jax.Array:
+  """dx [B, H, W, C] (`shape`) of `max_pool3x3s2_forward`, given its taps and the gradient of y."""
+  b, h, w, c = shape
+  pooled = (b, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c)
+  if taps.shape != pooled or grad.shape != pooled or taps.dtype != jnp.uint8 or (
+      grad.dtype != jnp.float32):
+    raise ValueError(f"max_pool3x3s2_backward: expected uint8 taps and float32 grad of shape "
+                     f"{pooled} (pooled from {tuple(shape)}); got taps {taps.dtype} {taps.shape}, "
+                     f"grad {grad.dtype} {grad.shape}")
+  out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  return jax.ffi.ffi_call("multimodel_max_pool3x3s2_backward", out)(taps, grad)

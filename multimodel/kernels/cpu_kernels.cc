@@ -1,5 +1,7 @@
-// Forward and backward passes of a depthwise 3x3 convolution (stride 1, zero padding 1) over NHWC float32, as
-// an XLA FFI handler for the CPU. Built and loaded by multimodel/kernels/build.py.
+// XLA FFI handlers for the CPU, built and loaded by multimodel/kernels/__init__.py: the image
+// stem's depthwise 3x3 convolution and 3x3/2 max pool, forward and backward, over NHWC float32.
+//
+// Depthwise 3x3 convolution (stride 1, zero padding 1):
 //
 //   forward:  y[b, h, w, c] = bias[c] + sum_t k[t, c] * x[b, h + dy - 1, w + dx - 1, c],
 //             t = 3 * dy + dx (zero outside the image)
@@ -181,6 +183,89 @@ ffi::Error Depthwise3x3Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// 3x3 max pool, stride 2, padding 1 (padding never wins), over NHWC float32:
+//   y[b, i, j, c] = max_t x[b, 2i + dy - 1, 2j + dx - 1, c], t = 3 * dy + dx
+// and the tap that won (the first in t order on ties; a NaN wins and stays), for the backward
+// pass, which hands each output's gradient to the input its tap points at.
+ffi::Error MaxPool3x3s2Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> taps) {
+  auto dims = x.dimensions();
+  if (dims.size() != 4) {
+    return ffi::Error::InvalidArgument("max_pool3x3s2_forward: x must be [B, H, W, C]");
+  }
+  const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
+  const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+  uint8_t* ts = taps->typed_data();
+  ParallelFor(pool, B * Ho, [&](int64_t chunk) {
+    const int64_t b = chunk / Ho, i = chunk % Ho;
+    for (int64_t j = 0; j < Wo; ++j) {
+      float* __restrict out = ys + ((b * Ho + i) * Wo + j) * C;
+      uint8_t* __restrict tap = ts + ((b * Ho + i) * Wo + j) * C;
+      bool first = true;
+      for (int dy = 0; dy < 3; ++dy) {
+        const int64_t h = 2 * i + dy - 1;
+        if (h < 0 || h >= H) continue;
+        for (int dxo = 0; dxo < 3; ++dxo) {
+          const int64_t w = 2 * j + dxo - 1;
+          if (w < 0 || w >= W) continue;
+          const float* __restrict xv = xs + ((b * H + h) * W + w) * C;
+          const uint8_t t = static_cast<uint8_t>(3 * dy + dxo);
+          if (first) {
+            std::memcpy(out, xv, sizeof(float) * C);
+            std::memset(tap, t, C);
+            first = false;
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const bool wins = (xv[c] > out[c] || xv[c] != xv[c]) && out[c] == out[c];
+            out[c] = wins ? xv[c] : out[c];
+            tap[c] = wins ? t : tap[c];
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx[b, h, w, c] = sum of grad[b, i, j, c] over the outputs (i, j) whose winning tap is (h, w):
+// a gather per input row (at most 2 x 2 outputs reach an input), so rows run in parallel and
+// every sum is added in a fixed order.
+ffi::Error MaxPool3x3s2Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> taps,
+                                ffi::Buffer<ffi::F32> grad, ffi::ResultBuffer<ffi::F32> dx) {
+  auto dims = dx->dimensions();
+  const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
+  const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  if (grad.dimensions().size() != 4 || grad.dimensions()[1] != Ho || grad.dimensions()[2] != Wo ||
+      grad.dimensions()[3] != C || taps.dimensions()[1] != Ho || taps.dimensions()[2] != Wo) {
+    return ffi::Error::InvalidArgument("max_pool3x3s2_backward: grad and taps must be the "
+                                       "pooled shape of dx");
+  }
+  const uint8_t* ts = taps.typed_data();
+  const float* gs = grad.typed_data();
+  float* dxs = dx->typed_data();
+  ParallelFor(pool, B * H, [&](int64_t chunk) {
+    const int64_t b = chunk / H, h = chunk % H;
+    for (int64_t w = 0; w < W; ++w) {
+      float* __restrict out = dxs + ((b * H + h) * W + w) * C;
+      std::memset(out, 0, sizeof(float) * C);
+      // Outputs i with 2i - 1 <= h <= 2i + 1 (i = h / 2 .. (h + 1) / 2), tap row h - 2i + 1;
+      // the same for columns.
+      for (int64_t i = h / 2; i <= (h + 1) / 2 && i < Ho; ++i) {
+        for (int64_t j = w / 2; j <= (w + 1) / 2 && j < Wo; ++j) {
+          const uint8_t t = static_cast<uint8_t>(3 * (h - 2 * i + 1) + (w - 2 * j + 1));
+          const uint8_t* __restrict tv = ts + ((b * Ho + i) * Wo + j) * C;
+          const float* __restrict gv = gs + ((b * Ho + i) * Wo + j) * C;
+          for (int64_t c = 0; c < C; ++c) out[c] += tv[c] == t ? gv[c] : 0.0f;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelDepthwise3x3Forward, Depthwise3x3Forward,
@@ -200,3 +285,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelDepthwise3x3Backward, Depthwise3x3Backwa
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx [B, H, W, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dkernel [9, C]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dbias [C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelMaxPool3x3s2Forward, MaxPool3x3s2Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [B, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [B, H', W', C]
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // winning tap [B, H', W', C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelMaxPool3x3s2Backward, MaxPool3x3s2Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // winning tap [B, H', W', C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grad of y [B, H', W', C]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dx [B, H, W, C]
