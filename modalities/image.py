@@ -108,6 +108,42 @@ def _dense3x3(conv: nnx.Conv, x: Array) -> Array:
   return y.reshape(b, h, w, kernel.shape[-1])
 
 
+def _layer_norm_f32(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+  """nnx.LayerNorm's computation over the last axis (E[x^2] - E[x]^2, clipped at 0), float32."""
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.maximum(0.0, (x * x).mean(-1, keepdims=True) - mean * mean)
+  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_op(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+  return _layer_norm_f32(x, scale, bias, eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  """Under differentiation only: the kernels keep x and recompute the statistics backward."""
+  if kernels.usable():
+    return kernels.layer_norm_forward(x, scale, bias, eps), (x, scale, bias)
+  return _layer_norm_f32(x, scale, bias, eps), (x, scale, bias)
+
+
+def _layer_norm_bwd(eps, residuals, grad):
+  if kernels.usable():
+    return kernels.layer_norm_backward(residuals[0], residuals[1], grad, eps)
+  return jax.vjp(lambda *a: _layer_norm_f32(*a, eps), *residuals)[1](grad)
+
+
+_layer_norm_op.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _layer_norm(norm: nnx.LayerNorm, x: Array) -> Array:
+  """`norm` (over channels, float32) applied to x [..., C]: the same values as `norm(x)`; on one CPU
+  device its gradient comes from the C++ kernels. XLA's CPU backward of the stem's layer norms
+  (the sums over positions of dscale and dbias) ran several times slower (docs/performance.md)."""
+  return _layer_norm_op(x.astype(jnp.float32), norm.scale[...].astype(jnp.float32),
+                        norm.bias[...].astype(jnp.float32), norm.epsilon)
+
+
 def _max_pool3x3s2_slices(x: Array) -> Array:
   return functools.reduce(jnp.maximum, _windows3x3(x, 2, fill=-jnp.inf))
 
@@ -151,7 +187,7 @@ class _SepConv2D(nnx.Module):
 
   def __call__(self, x):
     y = _pointwise(self.pointwise, _depthwise3x3(self.depthwise, x))
-    return self.norm(y.astype(jnp.float32)).astype(x.dtype)
+    return _layer_norm(self.norm, y).astype(x.dtype)
 
 
 class _ResBlock(nnx.Module):
@@ -188,8 +224,8 @@ class Image(nnx.Module):
              rngs: nnx.Rngs | None = None) -> tuple[Array, None]:
     del input_mask, train, rngs  # Images are never padded.
     x = inputs.astype(self.dtype)  # [B, H, W, C]
-    x = jax.nn.relu(self.norm1(_dense3x3(self.conv1, x).astype(jnp.float32))).astype(self.dtype)
-    x = jax.nn.relu(self.norm2(_dense3x3(self.conv2, x).astype(jnp.float32))).astype(self.dtype)
+    x = jax.nn.relu(_layer_norm(self.norm1, _dense3x3(self.conv1, x))).astype(self.dtype)
+    x = jax.nn.relu(_layer_norm(self.norm2, _dense3x3(self.conv2, x))).astype(self.dtype)
     for block in self.blocks:
       x = block(x)  # [B, H/2, W/2, F]
     x = self.project(x)  # [B, H', W', D]

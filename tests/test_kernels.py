@@ -31,6 +31,10 @@ def test_the_kernels_build_and_are_used_here():
   pool = jax.jit(jax.value_and_grad(lambda x: jnp.sum(image._max_pool3x3s2(x) ** 2)))
   hlo = pool.lower(x).as_text()
   assert "multimodel_max_pool3x3s2_forward" in hlo and "multimodel_max_pool3x3s2_backward" in hlo
+  norm = nnx.LayerNorm(3, rngs=nnx.Rngs(0))
+  hlo = jax.jit(jax.value_and_grad(lambda x: jnp.sum(image._layer_norm(norm, x) ** 2))).lower(
+      x).as_text()
+  assert "multimodel_layer_norm_forward" in hlo and "multimodel_layer_norm_backward" in hlo
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -79,14 +83,37 @@ def test_max_pool_kernel_keeps_nan_and_gives_ties_to_the_first_tap():
   assert float(dx[..., 1].sum()) == 4.0 and float(dx[0, 0, 0, 1]) == 1.0
 
 
-def test_depthwise_backward_is_deterministic():
+@pytest.mark.parametrize("shape", [(2, 5, 7, 16), (3, 9, 128), (700, 33), (4, 1)])
+def test_layer_norm_matches_nnx(shape):
+  """The stem's layer norm: its jax.numpy form equals nnx.LayerNorm bit for bit, and the kernels'
+  values and gradients (scale, bias, input) agree with nnx's; more than one chunk of rows."""
+  rng = np.random.default_rng(4)
+  norm = nnx.LayerNorm(shape[-1], rngs=nnx.Rngs(0))
+  norm.scale[...] = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+  norm.bias[...] = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+  x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, jnp.float32)
+  probe = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  want = jax.jit(lambda x: norm(x))(x)
+  np.testing.assert_array_equal(jax.jit(lambda x: image._layer_norm(norm, x))(x), want)
+  forward = jax.jit(kernels.layer_norm_forward, static_argnums=3)
+  np.testing.assert_allclose(forward(x, norm.scale[...], norm.bias[...], norm.epsilon), want,
+                             rtol=1e-5, atol=1e-5)
+  graphdef, params = nnx.split(norm)
+  grads = lambda f: jax.tree.leaves(jax.jit(jax.grad(
+      lambda p, x: jnp.sum(f(nnx.merge(graphdef, p), x) * probe), argnums=(0, 1)))(params, x))
+  for ours, reference in zip(grads(image._layer_norm), grads(lambda n, x: n(x)), strict=True):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_passes_are_deterministic():
   """Partial sums are added in a fixed order: the same bits on every call, whatever the threads."""
   x, k, _, g = arrays((4, 37, 29, 16), seed=1)
-  backward = jax.jit(kernels.depthwise3x3_backward)
-  first = backward(x, k, g)
-  for _ in range(3):
-    for a, b in zip(first, backward(x, k, g), strict=True):
-      np.testing.assert_array_equal(a, b)
+  for backward in (jax.jit(kernels.depthwise3x3_backward),
+                   jax.jit(lambda x, k, g: kernels.layer_norm_backward(x, k[0], g, 1e-6))):
+    first = backward(x, k, g)
+    for _ in range(3):
+      for a, b in zip(first, backward(x, k, g), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_stem_gradients_with_and_without_the_kernels(monkeypatch):
@@ -145,5 +172,7 @@ def test_kernels_reject_wrong_shapes_and_dtypes():
     kernels.depthwise3x3_forward(x.astype(jnp.bfloat16), k, b)
   with pytest.raises(ValueError, match="float32"):
     kernels.max_pool3x3s2_forward(x.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="scale"):
+    kernels.layer_norm_forward(x, b[:2], b, 1e-6)
   with pytest.raises(ValueError, match="pooled"):
     kernels.max_pool3x3s2_backward(jnp.zeros((2, 3, 4, 3), jnp.uint8), g, x.shape)

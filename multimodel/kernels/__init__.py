@@ -19,6 +19,8 @@ them and need nothing of this package.
 - `max_pool3x3s2_forward(x)` and `max_pool3x3s2_backward(taps, grad, shape)`: a 3x3 max pool,
   stride 2, padding 1, with the tap that won each output, and the gradient that hands each
   output's gradient to that tap's input.
+- `layer_norm_forward(x, scale, bias, eps)` and `layer_norm_backward(x, scale, grad, eps)`:
+  nnx.LayerNorm over the last axis, and its gradient (dx, dscale, dbias).
 """
 
 import ctypes
@@ -34,6 +36,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,9 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {"multimodel_depthwise3x3_forward": "MultimodelDepthwise3x3Forward",
            "multimodel_depthwise3x3_backward": "MultimodelDepthwise3x3Backward",
            "multimodel_max_pool3x3s2_forward": "MultimodelMaxPool3x3s2Forward",
-           "multimodel_max_pool3x3s2_backward": "MultimodelMaxPool3x3s2Backward"}
+           "multimodel_max_pool3x3s2_backward": "MultimodelMaxPool3x3s2Backward",
+           "multimodel_layer_norm_forward": "MultimodelLayerNormForward",
+           "multimodel_layer_norm_backward": "MultimodelLayerNormBackward"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -168,3 +173,31 @@ def max_pool3x3s2_backward(taps: jax.Array, grad: jax.Array, shape: tuple) -> ja
                      f"grad {grad.dtype} {grad.shape}")
   out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
   return jax.ffi.ffi_call("multimodel_max_pool3x3s2_backward", out)(taps, grad)
+
+
+def _check_norm(name: str, x: jax.Array, scale: jax.Array, other: jax.Array, other_name: str,
+                other_shape: tuple) -> None:
+  if {x.dtype, scale.dtype, other.dtype} != {jnp.dtype(jnp.float32)}:
+    raise TypeError(f"{name} takes float32; got x {x.dtype}, scale {scale.dtype}, "
+                    f"{other_name} {other.dtype}")
+  if x.ndim < 1 or scale.shape != x.shape[-1:] or other.shape != other_shape:
+    raise ValueError(f"{name}: expected x [..., C], scale [C] and {other_name} {other_shape}; "
+                     f"got x {x.shape}, scale {scale.shape}, {other_name} {other.shape}")
+
+
+def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """nnx.LayerNorm over the last axis (fast variance, clipped at 0), float32."""
+  _check_norm("layer_norm_forward", x, scale, bias, "bias", x.shape[-1:])
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return jax.ffi.ffi_call("multimodel_layer_norm_forward", out)(x, scale, bias,
+                                                                eps=np.float32(eps))
+
+
+def layer_norm_backward(x: jax.Array, scale: jax.Array, grad: jax.Array, eps: float):
+  """(dx, dscale [C], dbias [C]) of `layer_norm_forward`, given the gradient of y."""
+  _check_norm("layer_norm_backward", x, scale, grad, "grad", x.shape)
+  c = x.shape[-1]
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
+         jax.ShapeDtypeStruct((c,), jnp.float32))
+  return jax.ffi.ffi_call("multimodel_layer_norm_backward", out)(x, scale, grad,
+                                                                 eps=np.float32(eps))

@@ -1,5 +1,6 @@
 // XLA FFI handlers for the CPU, built and loaded by multimodel/kernels/__init__.py: the image
-// stem's depthwise 3x3 convolution and 3x3/2 max pool, forward and backward, over NHWC float32.
+// stem's depthwise 3x3 convolution, 3x3/2 max pool and layer norm, forward and backward, over
+// NHWC float32.
 //
 // Depthwise 3x3 convolution (stride 1, zero padding 1):
 //
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -266,6 +268,106 @@ ffi::Error MaxPool3x3s2Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> taps,
   return ffi::Error::Success();
 }
 
+// Layer norm over the last axis of [N, C] float32 rows, as nnx.LayerNorm computes it (mean and
+// E[x^2] - mean^2, clipped at 0; y = (x - mean) * (rsqrt(var + eps) * scale) + bias). The
+// backward pass recomputes each row's statistics from x rather than keeping them.
+constexpr int64_t kNormRowsPerChunk = 256;
+
+inline void RowStats(const float* __restrict x, int64_t C, float eps, float* mean, float* rstd) {
+  float sum = 0.0f, sum_sq = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    sum += x[c];
+    sum_sq += x[c] * x[c];
+  }
+  const float m = sum / C;
+  const float var = std::max(0.0f, sum_sq / C - m * m);
+  *mean = m;
+  *rstd = 1.0f / std::sqrt(var + eps);
+}
+
+ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            ffi::ResultBuffer<ffi::F32> y, float eps) {
+  auto dims = x.dimensions();
+  const int64_t C = dims.back(), N = x.element_count() / std::max<int64_t>(C, 1);
+  if (scale.element_count() != C || bias.element_count() != C) {
+    return ffi::Error::InvalidArgument("layer_norm_forward: scale and bias must be [C]");
+  }
+  const float* xs = x.typed_data();
+  const float* ss = scale.typed_data();
+  const float* bs = bias.typed_data();
+  float* ys = y->typed_data();
+  ParallelFor(pool, (N + kNormRowsPerChunk - 1) / kNormRowsPerChunk, [&](int64_t chunk) {
+    std::vector<float> mul(C);
+    for (int64_t n = chunk * kNormRowsPerChunk; n < std::min(N, (chunk + 1) * kNormRowsPerChunk);
+         ++n) {
+      const float* __restrict xv = xs + n * C;
+      float* __restrict out = ys + n * C;
+      float mean, rstd;
+      RowStats(xv, C, eps, &mean, &rstd);
+      for (int64_t c = 0; c < C; ++c) out[c] = (xv[c] - mean) * (rstd * ss[c]) + bs[c];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx = rstd * (g * scale - mean_c(g * scale) - xhat * mean_c(g * scale * xhat)),
+// dscale = sum_n g * xhat, dbias = sum_n g; partial sums per chunk, added in chunk order.
+ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> grad,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                             ffi::ResultBuffer<ffi::F32> dbias, float eps) {
+  auto dims = x.dimensions();
+  const int64_t C = dims.back(), N = x.element_count() / std::max<int64_t>(C, 1);
+  if (scale.element_count() != C || grad.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("layer_norm_backward: scale must be [C], grad x's shape");
+  }
+  const float* xs = x.typed_data();
+  const float* ss = scale.typed_data();
+  const float* gs = grad.typed_data();
+  float* dxs = dx->typed_data();
+  const int64_t chunks = (N + kNormRowsPerChunk - 1) / kNormRowsPerChunk;
+  std::vector<float> partial(chunks * 2 * C);  // Per chunk: dscale [C], then dbias [C].
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    float* __restrict ds = partial.data() + chunk * 2 * C;
+    float* __restrict db = ds + C;
+    std::memset(ds, 0, sizeof(float) * 2 * C);
+    for (int64_t n = chunk * kNormRowsPerChunk; n < std::min(N, (chunk + 1) * kNormRowsPerChunk);
+         ++n) {
+      const float* __restrict xv = xs + n * C;
+      const float* __restrict gv = gs + n * C;
+      float* __restrict out = dxs + n * C;
+      float mean, rstd;
+      RowStats(xv, C, eps, &mean, &rstd);
+      float sum_gs = 0.0f, sum_gsx = 0.0f;
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (xv[c] - mean) * rstd;
+        const float gsc = gv[c] * ss[c];
+        sum_gs += gsc;
+        sum_gsx += gsc * xhat;
+        ds[c] += gv[c] * xhat;
+        db[c] += gv[c];
+      }
+      const float a = sum_gs / C, b = sum_gsx / C;
+      for (int64_t c = 0; c < C; ++c) {
+        out[c] = rstd * (gv[c] * ss[c] - a - (xv[c] - mean) * rstd * b);
+      }
+    }
+  });
+  float* dss = dscale->typed_data();
+  float* dbs = dbias->typed_data();
+  std::memset(dss, 0, sizeof(float) * C);
+  std::memset(dbs, 0, sizeof(float) * C);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* acc = partial.data() + chunk * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      dss[c] += acc[c];
+      dbs[c] += acc[C + c];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelDepthwise3x3Forward, Depthwise3x3Forward,
@@ -299,3 +401,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelMaxPool3x3s2Backward, MaxPool3x3s2Backwa
                                   .Arg<ffi::Buffer<ffi::U8>>()    // winning tap [B, H', W', C]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // grad of y [B, H', W', C]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dx [B, H, W, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelLayerNormForward, LayerNormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [..., C]
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MultimodelLayerNormBackward, LayerNormBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grad of y [..., C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx [..., C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dscale [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dbias [C]
+                                  .Attr<float>("eps"));
