@@ -64,6 +64,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   state->finished.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// Fixed chunks of kRowsPerChunk rows of each of B images of H rows: their number, and
+// work(chunk, b, first row, end row) run over all of them by ParallelFor.
+int64_t RowChunks(int64_t B, int64_t H) { return B * ((H + kRowsPerChunk - 1) / kRowsPerChunk); }
+
+template <typename F>
+void ForRowChunks(ffi::ThreadPool& pool, int64_t B, int64_t H, F&& work) {
+  const int64_t per_image = (H + kRowsPerChunk - 1) / kRowsPerChunk;
+  ParallelFor(pool, B * per_image, [&](int64_t chunk) {
+    const int64_t b = chunk / per_image, h0 = (chunk % per_image) * kRowsPerChunk;
+    work(chunk, b, h0, std::min(H, h0 + kRowsPerChunk));
+  });
+}
+
 ffi::Error Depthwise3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
                                ffi::ResultBuffer<ffi::F32> y) {
@@ -81,12 +94,8 @@ ffi::Error Depthwise3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* bs = bias.typed_data();
   float* ys = y->typed_data();
   const int64_t row = W * C, image = H * row;
-  const int64_t chunks_per_image = (H + kRowsPerChunk - 1) / kRowsPerChunk;
 
-  ParallelFor(pool, B * chunks_per_image, [&](int64_t chunk) {
-    const int64_t b = chunk / chunks_per_image;
-    const int64_t h0 = (chunk % chunks_per_image) * kRowsPerChunk;
-    const int64_t h1 = std::min(H, h0 + kRowsPerChunk);
+  ForRowChunks(pool, B, H, [&](int64_t, int64_t b, int64_t h0, int64_t h1) {
     const float* xb = xs + b * image;
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t w = 0; w < W; ++w) {
@@ -132,14 +141,10 @@ ffi::Error Depthwise3x3Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gs = grad.typed_data();
   float* dxs = dx->typed_data();
   const int64_t row = W * C, image = H * row;
-  const int64_t chunks_per_image = (H + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t chunks = B * chunks_per_image;
+  const int64_t chunks = RowChunks(B, H);
   std::vector<float> partial(chunks * 10 * C);  // Per chunk: dk [9, C], then dbias [C].
 
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const int64_t b = chunk / chunks_per_image;
-    const int64_t h0 = (chunk % chunks_per_image) * kRowsPerChunk;
-    const int64_t h1 = std::min(H, h0 + kRowsPerChunk);
+  ForRowChunks(pool, B, H, [&](int64_t chunk, int64_t b, int64_t h0, int64_t h1) {
     const float* xb = xs + b * image;
     const float* gb = gs + b * image;
     float* acc = partial.data() + chunk * 10 * C;
@@ -238,10 +243,17 @@ ffi::Error MaxPool3x3s2Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error MaxPool3x3s2Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> taps,
                                 ffi::Buffer<ffi::F32> grad, ffi::ResultBuffer<ffi::F32> dx) {
   auto dims = dx->dimensions();
+  if (dims.size() != 4) {
+    return ffi::Error::InvalidArgument("max_pool3x3s2_backward: dx must be [B, H, W, C]");
+  }
   const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
   const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
-  if (grad.dimensions().size() != 4 || grad.dimensions()[1] != Ho || grad.dimensions()[2] != Wo ||
-      grad.dimensions()[3] != C || taps.dimensions()[1] != Ho || taps.dimensions()[2] != Wo) {
+  const int64_t pooled[4] = {B, Ho, Wo, C};
+  bool same = grad.dimensions().size() == 4 && taps.dimensions().size() == 4;
+  for (int i = 0; same && i < 4; ++i) {
+    same = grad.dimensions()[i] == pooled[i] && taps.dimensions()[i] == pooled[i];
+  }
+  if (!same) {
     return ffi::Error::InvalidArgument("max_pool3x3s2_backward: grad and taps must be the "
                                        "pooled shape of dx");
   }
@@ -290,7 +302,8 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::ResultBuffer<ffi::F32> y, float eps) {
   auto dims = x.dimensions();
   const int64_t C = dims.back(), N = x.element_count() / std::max<int64_t>(C, 1);
-  if (scale.element_count() != C || bias.element_count() != C) {
+  if (static_cast<int64_t>(scale.element_count()) != C ||
+      static_cast<int64_t>(bias.element_count()) != C) {
     return ffi::Error::InvalidArgument("layer_norm_forward: scale and bias must be [C]");
   }
   const float* xs = x.typed_data();
@@ -319,7 +332,8 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::ResultBuffer<ffi::F32> dbias, float eps) {
   auto dims = x.dimensions();
   const int64_t C = dims.back(), N = x.element_count() / std::max<int64_t>(C, 1);
-  if (scale.element_count() != C || grad.element_count() != x.element_count()) {
+  if (static_cast<int64_t>(scale.element_count()) != C ||
+      grad.element_count() != x.element_count()) {
     return ffi::Error::InvalidArgument("layer_norm_backward: scale must be [C], grad x's shape");
   }
   const float* xs = x.typed_data();
