@@ -138,8 +138,15 @@ _layer_norm_op.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 def _layer_norm(norm: nnx.LayerNorm, x: Array) -> Array:
   """`norm` (over channels, float32) applied to x [..., C]: the same values as `norm(x)`; on one CPU
-  device its gradient comes from the C++ kernels. XLA's CPU backward of the stem's layer norms
-  (the sums over positions of dscale and dbias) ran several times slower (docs/performance.md)."""
+  device its gradient comes from the C++ kernels (the same up to rounding, except where the
+  variance is clipped at 0). XLA's CPU backward of the stem's layer norms (the sums over positions
+  of dscale and dbias) ran about twice as slow (docs/performance.md)."""
+  if not (norm.use_scale and norm.use_bias and norm.use_fast_variance
+          and norm.reduction_axes == -1 and norm.feature_axes == -1):
+    raise ValueError("the stem's layer norm computes nnx.LayerNorm's defaults only (scale, bias, "
+                     "fast variance, over the last axis); got "
+                     f"use_scale={norm.use_scale}, use_bias={norm.use_bias}, use_fast_variance="
+                     f"{norm.use_fast_variance}, reduction_axes={norm.reduction_axes}")
   return _layer_norm_op(x.astype(jnp.float32), norm.scale[...].astype(jnp.float32),
                         norm.bias[...].astype(jnp.float32), norm.epsilon)
 
@@ -154,7 +161,9 @@ def _max_pool3x3s2(x: Array) -> Array:
 
   The same values and gradient as `nnx.max_pool` (apart from exact ties), but XLA's CPU backward
   of a pooling window (select-and-scatter) is about 8x slower than that of the slices; on one CPU
-  device a C++ kernel does the backward pass in one go (docs/performance.md).
+  device a C++ kernel does the backward pass in one go (docs/performance.md). Of tied maxima the
+  kernel gives the gradient to the first tap, as `nnx.max_pool` does; the slices' own gradient
+  (elsewhere) splits it.
   """
   return _max_pool3x3s2_slices(x)
 

@@ -21,7 +21,9 @@ def arrays(shape, seed=0):
 
 
 def test_the_kernels_build_and_are_used_here():
-  """This machine has a compiler, so training steps on one CPU device use the kernels."""
+  """The test command's setup (data/setup_sources.sh) installs g++, so the kernels must build here
+  and training steps on one CPU device must call them. (Without a compiler training still works,
+  through the jax.numpy forms; this test then fails on purpose.)"""
   assert kernels.usable(), "the C++ kernels did not build: see the warning logged above"
   x, k, b, g = arrays((2, 5, 7, 3))
   grad = jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(image._depthwise3x3_op(x, k, b) * g),
@@ -106,7 +108,8 @@ def test_layer_norm_matches_nnx(shape):
 
 
 def test_backward_passes_are_deterministic():
-  """Partial sums are added in a fixed order: the same bits on every call, whatever the threads."""
+  """Partial sums are added in a fixed order (chunks fixed by the shape): the same bits on every
+  call, however the pool's threads pick up the chunks."""
   x, k, _, g = arrays((4, 37, 29, 16), seed=1)
   for backward in (jax.jit(kernels.depthwise3x3_backward),
                    jax.jit(lambda x, k, g: kernels.layer_norm_backward(x, k[0], g, 1e-6))):
@@ -134,11 +137,40 @@ def test_stem_gradients_with_and_without_the_kernels(monkeypatch):
 
 
 def test_inference_never_calls_the_kernels():
-  """Outside differentiation the stem runs the jax.numpy form: exported programs need no kernel."""
-  block = image._SepConv2D(3, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  x = jnp.ones((1, 5, 5, 3), jnp.float32)
+  """Outside differentiation the stem runs the jax.numpy forms (all three kernels' operations are
+  in this block), so exported programs need no kernel, while its gradient does call them."""
+  assert kernels.usable()
+  block = image._ResBlock(3, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 6, 6, 3), jnp.float32)
   exported = jax.export.export(jax.jit(lambda x: block(x)))(x)
-  assert "multimodel_depthwise3x3" not in exported.mlir_module()
+  assert "multimodel_" not in exported.mlir_module()
+  trained = jax.jit(jax.grad(lambda x: jnp.sum(block(x)))).lower(x).as_text()
+  for name in ("depthwise3x3", "max_pool3x3s2", "layer_norm"):
+    assert f"multimodel_{name}_backward" in trained
+
+
+def test_bfloat16_stem_trains_through_the_kernels(monkeypatch):
+  """A bfloat16 stem casts to float32 around the kernels: its gradients match the jnp forms'."""
+  stem = image.Image(8, stem_filters=4, res_blocks=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(stem)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 12, 12, 3)), jnp.float32)
+
+  def grads():
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p).encode(x)[0].astype(jnp.float32) ** 2)
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+  with_kernels = grads()
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in with_kernels)
+  monkeypatch.setattr(kernels, "usable", lambda: False)
+  for ours, reference in zip(with_kernels, grads(), strict=True):
+    scale = float(jnp.max(jnp.abs(reference))) + 1e-6
+    np.testing.assert_allclose(ours / scale, reference / scale, atol=1e-4)
+
+
+def test_stem_layer_norm_refuses_other_settings():
+  norm = nnx.LayerNorm(4, use_fast_variance=False, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="use_fast_variance=False"):
+    image._layer_norm(norm, jnp.ones((2, 4)))
 
 
 def test_build_errors_name_the_cause(tmp_path, monkeypatch):

@@ -33,9 +33,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ TARGETS = {"multimodel_depthwise3x3_forward": "MultimodelDepthwise3x3Forward",
            "multimodel_max_pool3x3s2_backward": "MultimodelMaxPool3x3s2Backward",
            "multimodel_layer_norm_forward": "MultimodelLayerNormForward",
            "multimodel_layer_norm_backward": "MultimodelLayerNormBackward"}
+BUILD_TIMEOUT_S = 600
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -76,7 +79,7 @@ def build(source: pathlib.Path = SOURCE, directory: pathlib.Path | None = None) 
     raise KernelBuildError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
   command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}"]
   key = hashlib.sha256("\0".join([source.read_text(), *command, jax.__version__,
-                                  _cpu_signature()]).encode()).hexdigest()[:16]
+                                  jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()[:16]
   directory = directory or cache_dir() / "kernels"
   library = directory / f"{source.stem}-{key}.so"
   if library.exists():
@@ -84,13 +87,19 @@ def build(source: pathlib.Path = SOURCE, directory: pathlib.Path | None = None) 
   directory.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:  # Then an atomic rename into place.
     out = pathlib.Path(tmp) / library.name
-    done = subprocess.run([*command, str(source), "-o", str(out)], capture_output=True, text=True,
-                          check=False)
+    try:
+      done = subprocess.run([*command, str(source), "-o", str(out)], capture_output=True,
+                            text=True, check=False, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+      raise KernelBuildError(f"compiling {source} took over {BUILD_TIMEOUT_S} s") from e
     if done.returncode != 0:
       raise KernelBuildError(f"compiling {source} failed ({' '.join(command)}):\n"
                              f"{done.stderr[-2000:]}")
     os.replace(out, library)
   return library
+
+
+_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -99,14 +108,15 @@ def _load() -> bool:
   if os.environ.get("MULTIMODEL_CPU_KERNELS", "1") == "0":
     log.info("CPU kernels turned off (MULTIMODEL_CPU_KERNELS=0)")
     return False
-  try:
-    library = ctypes.cdll.LoadLibrary(str(build()))
-    for target, symbol in TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                  platform="cpu")
-  except (KernelBuildError, OSError, AttributeError) as e:
-    log.warning("CPU kernels unavailable, using the jax.numpy forms (slower on CPU): %s", e)
-    return False
+  with _LOCK:  # One build and registration even when two threads trace at once.
+    try:
+      library = ctypes.cdll.LoadLibrary(str(build()))
+      for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    except Exception as e:  # pylint: disable=broad-except  # Any failure: the jnp forms.
+      log.warning("CPU kernels unavailable, using the jax.numpy forms (slower on CPU): %s", e)
+      return False
   return True
 
 

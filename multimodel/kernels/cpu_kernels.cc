@@ -311,7 +311,6 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* bs = bias.typed_data();
   float* ys = y->typed_data();
   ParallelFor(pool, (N + kNormRowsPerChunk - 1) / kNormRowsPerChunk, [&](int64_t chunk) {
-    std::vector<float> mul(C);
     for (int64_t n = chunk * kNormRowsPerChunk; n < std::min(N, (chunk + 1) * kNormRowsPerChunk);
          ++n) {
       const float* __restrict xv = xs + n * C;
