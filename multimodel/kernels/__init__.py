@@ -85,6 +85,7 @@ def build(source: pathlib.Path = SOURCE, directory: pathlib.Path | None = None) 
   if library.exists():
     return library
   directory.mkdir(parents=True, exist_ok=True)
+  log.info("compiling the CPU kernels: %s -> %s", source.name, library)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:  # Then an atomic rename into place.
     out = pathlib.Path(tmp) / library.name
     try:
