@@ -121,6 +121,14 @@ def _load() -> bool:
   return True
 
 
+def _call(target: str, out, *args, **attributes):
+  """ffi_call of a registered target, loading the library first (any caller may come first)."""
+  if not _load():
+    raise KernelBuildError(f"{target}: the CPU kernels are unavailable (the logged warning says "
+                           "why); callers check usable() first")
+  return jax.ffi.ffi_call(target, out)(*args, **attributes)
+
+
 def usable() -> bool:
   """Whether a jitted computation traced now may call the kernels: on a single CPU device."""
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
@@ -140,29 +148,29 @@ def _check(name: str, x: jax.Array, kernel: jax.Array, other: jax.Array, other_n
 def depthwise3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """y [B, H, W, C] = bias + sum_t kernel[t] * window_t(x), all float32.
 
-  Window t = 3 * dy + dx is x shifted by (dy - 1, dx - 1) with zero padding. Call only where
-  `usable()` is True.
+  Window t = 3 * dy + dx is x shifted by (dy - 1, dx - 1) with zero padding. Call where `usable()`
+  is True (elsewhere it raises KernelBuildError).
   """
   _check("depthwise3x3_forward", x, kernel, bias, "bias", (x.shape[-1],))
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  return jax.ffi.ffi_call("multimodel_depthwise3x3_forward", out)(x, kernel, bias)
+  return _call("multimodel_depthwise3x3_forward", out, x, kernel, bias)
 
 
 def depthwise3x3_backward(x: jax.Array, kernel: jax.Array, grad: jax.Array):
   """(dx [B, H, W, C], dkernel [9, C], dbias [C]) of `depthwise3x3_forward`, given the gradient
-  of y; all float32. Call only where `usable()` is True."""
+  of y; all float32."""
   _check("depthwise3x3_backward", x, kernel, grad, "grad", x.shape)
   c = x.shape[-1]
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((9, c), jnp.float32),
          jax.ShapeDtypeStruct((c,), jnp.float32))
-  return jax.ffi.ffi_call("multimodel_depthwise3x3_backward", out)(x, kernel, grad)
+  return _call("multimodel_depthwise3x3_backward", out, x, kernel, grad)
 
 
 def max_pool3x3s2_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(y [B, H', W', C], winning tap uint8 [B, H', W', C]) of a 3x3 max pool, stride 2, padding 1.
 
   H' = (H - 1) // 2 + 1. The tap t = 3 * dy + dx is the first maximum in t order (a NaN wins).
-  Call only where `usable()` is True.
+  Call where `usable()` is True (elsewhere it raises KernelBuildError).
   """
   if x.dtype != jnp.float32 or x.ndim != 4:
     raise ValueError(f"max_pool3x3s2_forward takes float32 [B, H, W, C]; got {x.dtype} "
@@ -170,7 +178,7 @@ def max_pool3x3s2_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   b, h, w, c = x.shape
   pooled = (b, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c)
   out = (jax.ShapeDtypeStruct(pooled, jnp.float32), jax.ShapeDtypeStruct(pooled, jnp.uint8))
-  return jax.ffi.ffi_call("multimodel_max_pool3x3s2_forward", out)(x)
+  return _call("multimodel_max_pool3x3s2_forward", out, x)
 
 
 def max_pool3x3s2_backward(taps: jax.Array, grad: jax.Array, shape: tuple) -> jax.Array:
@@ -183,7 +191,7 @@ def max_pool3x3s2_backward(taps: jax.Array, grad: jax.Array, shape: tuple) -> ja
                      f"{pooled} (pooled from {tuple(shape)}); got taps {taps.dtype} {taps.shape}, "
                      f"grad {grad.dtype} {grad.shape}")
   out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-  return jax.ffi.ffi_call("multimodel_max_pool3x3s2_backward", out)(taps, grad)
+  return _call("multimodel_max_pool3x3s2_backward", out, taps, grad)
 
 
 def _check_norm(name: str, x: jax.Array, scale: jax.Array, other: jax.Array, other_name: str,
@@ -200,8 +208,7 @@ def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: flo
   """nnx.LayerNorm over the last axis (fast variance, clipped at 0), float32."""
   _check_norm("layer_norm_forward", x, scale, bias, "bias", x.shape[-1:])
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  return jax.ffi.ffi_call("multimodel_layer_norm_forward", out)(x, scale, bias,
-                                                                eps=np.float32(eps))
+  return _call("multimodel_layer_norm_forward", out, x, scale, bias, eps=np.float32(eps))
 
 
 def layer_norm_backward(x: jax.Array, scale: jax.Array, grad: jax.Array, eps: float):
@@ -210,5 +217,4 @@ def layer_norm_backward(x: jax.Array, scale: jax.Array, grad: jax.Array, eps: fl
   c = x.shape[-1]
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
          jax.ShapeDtypeStruct((c,), jnp.float32))
-  return jax.ffi.ffi_call("multimodel_layer_norm_backward", out)(x, scale, grad,
-                                                                 eps=np.float32(eps))
+  return _call("multimodel_layer_norm_backward", out, x, scale, grad, eps=np.float32(eps))
