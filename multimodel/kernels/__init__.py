@@ -4,8 +4,8 @@ XLA's CPU backend runs a few of the network's operations far below the machine's
 formulation in `jax.numpy` does better (docs/performance.md). For those, a C++ source file beside
 this module is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`), for the
 machine it runs on, and cached under `$MULTIMODEL_CACHE` (default `~/.cache/multimodel`) by a hash
-of the source, the compiler command, the jax and jaxlib versions and the CPU. Nothing is built at install time and nothing is
-required: where there is no compiler, the build fails, the platform is not a CPU, or the process
+of the source, the compiler command, the jax and jaxlib versions and the CPU. Nothing is built at
+install time and nothing is required: where there is no compiler, the build fails, the platform is not a CPU, or the process
 sees more than one device (an FFI call has no sharding rule), `usable()` is False and callers use
 their `jax.numpy` form, which computes the same values. `MULTIMODEL_CPU_KERNELS=0` turns the
 kernels off.
@@ -134,15 +134,18 @@ def usable() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
 
 
-def _check(name: str, x: jax.Array, kernel: jax.Array, other: jax.Array, other_name: str,
-           other_shape: tuple) -> None:
-  if {x.dtype, kernel.dtype, other.dtype} != {jnp.dtype(jnp.float32)}:
-    raise TypeError(f"{name} takes float32; got x {x.dtype}, kernel {kernel.dtype}, "
-                    f"{other_name} {other.dtype}")
-  if x.ndim != 4 or kernel.shape != (9, x.shape[-1]) or other.shape != other_shape:
-    raise ValueError(f"{name}: expected x [B, H, W, C], kernel [9, C] and {other_name} "
-                     f"{other_shape}; got x {x.shape}, kernel {kernel.shape}, {other_name} "
-                     f"{other.shape}")
+def _check(name: str, x: jax.Array, layout: str, **expected: tuple[jax.Array, tuple]) -> None:
+  """x and the `expected` arrays (name -> (array, its shape)) must be float32; x [B, H, W, C]
+  where `layout` says so, else [..., C]."""
+  arrays = {"x": x, **{k: array for k, (array, _) in expected.items()}}
+  if any(a.dtype != jnp.float32 for a in arrays.values()):
+    raise TypeError(f"{name} takes float32; got "
+                    + ", ".join(f"{k} {a.dtype}" for k, a in arrays.items()))
+  rank_ok = x.ndim == 4 if layout == "[B, H, W, C]" else x.ndim >= 1
+  if not rank_ok or any(a.shape != shape for a, shape in expected.values()):
+    raise ValueError(f"{name}: expected x {layout}"
+                     + "".join(f", {k} {shape}" for k, (_, shape) in expected.items())
+                     + "; got " + ", ".join(f"{k} {a.shape}" for k, a in arrays.items()))
 
 
 def depthwise3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -151,7 +154,8 @@ def depthwise3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> ja
   Window t = 3 * dy + dx is x shifted by (dy - 1, dx - 1) with zero padding. Call where `usable()`
   is True (elsewhere it raises KernelBuildError).
   """
-  _check("depthwise3x3_forward", x, kernel, bias, "bias", (x.shape[-1],))
+  _check("depthwise3x3_forward", x, "[B, H, W, C]", kernel=(kernel, (9, x.shape[-1])),
+         bias=(bias, x.shape[-1:]))
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
   return _call("multimodel_depthwise3x3_forward", out, x, kernel, bias)
 
@@ -159,7 +163,8 @@ def depthwise3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> ja
 def depthwise3x3_backward(x: jax.Array, kernel: jax.Array, grad: jax.Array):
   """(dx [B, H, W, C], dkernel [9, C], dbias [C]) of `depthwise3x3_forward`, given the gradient
   of y; all float32."""
-  _check("depthwise3x3_backward", x, kernel, grad, "grad", x.shape)
+  _check("depthwise3x3_backward", x, "[B, H, W, C]", kernel=(kernel, (9, x.shape[-1])),
+         grad=(grad, x.shape))
   c = x.shape[-1]
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((9, c), jnp.float32),
          jax.ShapeDtypeStruct((c,), jnp.float32))
@@ -194,26 +199,17 @@ def max_pool3x3s2_backward(taps: jax.Array, grad: jax.Array, shape: tuple) -> ja
   return _call("multimodel_max_pool3x3s2_backward", out, taps, grad)
 
 
-def _check_norm(name: str, x: jax.Array, scale: jax.Array, other: jax.Array, other_name: str,
-                other_shape: tuple) -> None:
-  if {x.dtype, scale.dtype, other.dtype} != {jnp.dtype(jnp.float32)}:
-    raise TypeError(f"{name} takes float32; got x {x.dtype}, scale {scale.dtype}, "
-                    f"{other_name} {other.dtype}")
-  if x.ndim < 1 or scale.shape != x.shape[-1:] or other.shape != other_shape:
-    raise ValueError(f"{name}: expected x [..., C], scale [C] and {other_name} {other_shape}; "
-                     f"got x {x.shape}, scale {scale.shape}, {other_name} {other.shape}")
-
-
 def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
   """nnx.LayerNorm over the last axis (fast variance, clipped at 0), float32."""
-  _check_norm("layer_norm_forward", x, scale, bias, "bias", x.shape[-1:])
+  _check("layer_norm_forward", x, "[..., C]", scale=(scale, x.shape[-1:]),
+         bias=(bias, x.shape[-1:]))
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
   return _call("multimodel_layer_norm_forward", out, x, scale, bias, eps=np.float32(eps))
 
 
 def layer_norm_backward(x: jax.Array, scale: jax.Array, grad: jax.Array, eps: float):
   """(dx, dscale [C], dbias [C]) of `layer_norm_forward`, given the gradient of y."""
-  _check_norm("layer_norm_backward", x, scale, grad, "grad", x.shape)
+  _check("layer_norm_backward", x, "[..., C]", scale=(scale, x.shape[-1:]), grad=(grad, x.shape))
   c = x.shape[-1]
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
          jax.ShapeDtypeStruct((c,), jnp.float32))
