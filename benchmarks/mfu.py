@@ -1,7 +1,8 @@
 """Model FLOPs utilisation (MFU) of the jitted train step, against this process's matmul peak.
 
-    python -m benchmarks.mfu [--configs tiny,default,paper] [--kinds text,image] [--length 64]
-                             [--repeats 3] [--dtype float32|bfloat16]
+    python -m benchmarks.mfu [--configs tiny,default,paper] [--kinds text,image,imagenet]
+                             [--length 64] [--image_size 28] [--imagenet_batch 8] [--repeats 3]
+                             [--dtype float32|bfloat16]
 
 For every config and task kind, builds the trainer's update step (`trainer.train_step` under
 `jax.jit` with the state donated, as `train_and_evaluate` jits it) on a synthetic batch shaped like
@@ -9,7 +10,11 @@ the input pipeline's:
   text   translation-shaped: inputs and targets int [B, L] with no padding, B = tokens_per_batch / L
          rounded to batch_multiple (L = --length);
   image  image -> label: [image_batch_size, H, H, 3] and int labels [B], H = --image_size
-         (28, MNIST-shaped, by default).
+         (28 by default: the embedded image tasks' MNIST shape);
+  imagenet  the same at ImageNet's 224x224, B = --imagenet_batch (8): the input the paper's image
+         stem (the Xception entry flow, 16x downsampling) is built for. At 28x28 that stem leaves
+         2x2 positions per image, and a `paper` step is mostly the optimizer's update of every
+         parameter (the `opt ms` column), whatever the model's FLOPs.
 FLOPs per step come from the model's own formula (`multimodel.flops`), printed beside XLA's count
 (`compiled.cost_analysis()`) and their ratio. MFU = formula FLOPs / step time / peak, where the
 peak is the best rate of [n, n] x [n, n] jnp.dot products (n = --matmul 2048) in the same dtype,
@@ -47,7 +52,10 @@ from multimodel.model import MultiModel, TaskSpec
 
 TEXT_TASK = TaskSpec("text", "text", command_id=3)
 IMAGE_TASK = TaskSpec("image", "label", command_id=4, num_classes=10)
-IMAGE_SIZE = 28
+IMAGE_SIZE = 28  # The embedded image tasks' (MNIST-shaped).
+IMAGENET_SIZE, IMAGENET_BATCH = 224, 8  # ImageNet-shaped: the paper's image input.
+KINDS = ("text", "image", "imagenet")
+MFU_AIM = 0.35  # Of `paper`, docs/performance.md.
 
 
 class MatmulPeak:
@@ -106,8 +114,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                       help="B of the image batch (0: the config's data.image_batch_size)")
 
 
-def synthetic_batch(config, kind: str, length: int, seed: int = 0, image_size: int = IMAGE_SIZE):
-  """(task spec, batch of numpy arrays, positions the body runs over) of one task kind."""
+def synthetic_batch(config, kind: str, length: int, seed: int = 0, image_size: int = IMAGE_SIZE,
+                    imagenet_batch: int = IMAGENET_BATCH):
+  """(task spec, batch of numpy arrays, positions the body runs over) of one of `KINDS`."""
   rng = np.random.default_rng(seed)
   data, v = config.data, config.model.vocab_size
   if kind == "text":
@@ -116,13 +125,14 @@ def synthetic_batch(config, kind: str, length: int, seed: int = 0, image_size: i
     batch = {"inputs": rng.integers(3, v, (b, length)).astype(np.int32),
              "targets": rng.integers(3, v, (b, length)).astype(np.int32)}
     return TEXT_TASK, batch, 2 * b * length
-  if kind == "image":
-    b = data.image_batch_size
-    batch = {"inputs": rng.standard_normal((b, image_size, image_size, 3)).astype(np.float32),
+  if kind in ("image", "imagenet"):
+    b, size = ((data.image_batch_size, image_size) if kind == "image"
+               else (imagenet_batch, IMAGENET_SIZE))
+    batch = {"inputs": rng.standard_normal((b, size, size, 3)).astype(np.float32),
              "targets": rng.integers(0, IMAGE_TASK.num_classes, (b,)).astype(np.int32)}
     positions = flops.encoder_length(config.model, "image", batch["inputs"].shape)
     return IMAGE_TASK, batch, b * positions
-  raise ValueError(f"unknown task kind {kind!r}; valid: text, image")
+  raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
 def compiled_step(config, task: TaskSpec, batch: dict):
@@ -211,9 +221,10 @@ def shape_text(kind: str, batch: dict) -> str:
 
 
 def measure(config, kind: str, length: int, peak: MatmulPeak, repeats: int,
-            image_size: int = IMAGE_SIZE) -> dict:
+            image_size: int = IMAGE_SIZE, imagenet_batch: int = IMAGENET_BATCH) -> dict:
   """Step time, FLOPs (formula and XLA) and memory of one config on one task kind."""
-  task, batch, positions = synthetic_batch(config, kind, length, image_size=image_size)
+  task, batch, positions = synthetic_batch(config, kind, length, image_size=image_size,
+                                           imagenet_batch=imagenet_batch)
   compiled, state, args, compile_s = compiled_step(config, task, batch)
   shapes = (batch["inputs"].shape, batch["targets"].shape)
   model_flops = flops.train_step_flops(config.model, task, *shapes, experts="active")
@@ -254,17 +265,22 @@ def describe_machine() -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="tiny,default,paper")
-  parser.add_argument("--kinds", default="text,image")
+  parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {', '.join(KINDS)}")
   parser.add_argument("--length", type=int, default=64, help="L of the text batch (S = T = L)")
   parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
-                      help="H = W of the image batch (28: MNIST-shaped; the paper's stem is "
-                           "built for ImageNet's 224)")
+                      help="H = W of the `image` kind's batch (28: the embedded tasks' MNIST shape)")
+  parser.add_argument("--imagenet_batch", type=int, default=IMAGENET_BATCH,
+                      help=f"B of the `imagenet` kind's {IMAGENET_SIZE}x{IMAGENET_SIZE} batch")
   add_batch_arguments(parser)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--matmul", type=int, default=2048, help="n of the peak's [n, n] matmul")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = parser.parse_args(argv)
 
+  kinds = args.kinds.split(",")
+  unknown = [k for k in kinds if k not in KINDS]
+  if unknown:
+    parser.error(f"--kinds: unknown {', '.join(unknown)}; valid: {', '.join(KINDS)}")
   print(describe_machine(), flush=True)
   peak = MatmulPeak(args.matmul, jnp.dtype(args.dtype))
   for _ in range(3):
@@ -272,8 +288,9 @@ def main(argv=None) -> dict:
   rows, memory_rows = [], {}
   for name in args.configs.split(","):
     config = load_config(name, args.dtype, args.tokens_per_batch, args.image_batch)
-    for kind in args.kinds.split(","):
-      row = measure(config, kind, args.length, peak, args.repeats, args.image_size)
+    for kind in kinds:
+      row = measure(config, kind, args.length, peak, args.repeats, args.image_size,
+                    args.imagenet_batch)
       row["config"] = name
       rows.append(row)
       print(f"  {name} {kind}: {row['step_s'] * 1e3:.0f} ms/step", flush=True)
@@ -288,25 +305,30 @@ def main(argv=None) -> dict:
   print(describe_machine())
   print(f"train step under jit (state donated), {args.dtype}, best of {args.repeats} steps; "
         f"{peak_text(peak, args.matmul)}")
-  header = (f"{'config':<8}{'kind':<6}{'B':>4}{'shape':>12}{'ms/step':>9}{'ex/s':>8}{'tok/s':>8}"
+  header = (f"{'config':<8}{'kind':<9}{'B':>4}{'shape':>12}{'ms/step':>9}{'ex/s':>8}{'tok/s':>8}"
             f"{'model GF':>10}{'formula GF':>11}{'XLA GF':>9}{'XLA/f':>7}{'GF/s':>7}{'MFU':>6}"
             f"{'burst':>6}{'exec':>6}{'opt ms':>7}{'compile s':>10}")
   print(header)
   print("-" * len(header))
   for r in rows:
-    print(f"{r['config']:<8}{r['kind']:<6}{r['batch']:>4}{r['shape']:>12}{r['step_s'] * 1e3:>9.0f}"
+    print(f"{r['config']:<8}{r['kind']:<9}{r['batch']:>4}{r['shape']:>12}{r['step_s'] * 1e3:>9.0f}"
           f"{r['examples_per_s']:>8.1f}{r['tokens_per_s']:>8.0f}{r['model_gflop']:>10.1f}"
           f"{r['formula_gflop']:>11.1f}{r['xla_gflop']:>9.1f}{r['xla_over_formula']:>7.3f}"
           f"{r['gflop_per_s']:>7.1f}{r['mfu']:>6.2f}{r['mfu_burst']:>6.2f}"
           f"{r['mfu_executed']:>6.2f}{r['optimizer_s'] * 1e3:>7.0f}{r['compile_s']:>10.1f}")
-  print(f"\n{'config':<8}{'kind':<6}{'args MiB':>10}{'out MiB':>9}{'alias MiB':>10}"
+  print(f"\n{'config':<8}{'kind':<9}{'args MiB':>10}{'out MiB':>9}{'alias MiB':>10}"
         f"{'temp MiB':>10}{'step MiB':>10}")
   for r in rows:
     m = r["memory_mib"]
-    print(f"{r['config']:<8}{r['kind']:<6}{m['argument']:>10.0f}{m['output']:>9.0f}"
+    print(f"{r['config']:<8}{r['kind']:<9}{m['argument']:>10.0f}{m['output']:>9.0f}"
           f"{m['alias']:>10.0f}{m['temp']:>10.0f}{m['peak']:>10.0f}")
   print("max RSS of the process after each config (MiB): "
         + ", ".join(f"{n} {m['max_rss_mib']:.0f}" for n, m in memory_rows.items()))
+  for r in rows:
+    if r["config"] == "paper":
+      print(f"aim MFU of paper >= {MFU_AIM}: {r['kind']} ({r['shape']}, B={r['batch']}) "
+            f"{r['mfu']:.2f}, {'met' if r['mfu'] >= MFU_AIM else 'not met'}; the optimizer's "
+            f"update alone takes {r['optimizer_s'] / r['step_s']:.0%} of the step's time")
 
   clean = lambda r: {k: (round(v, 4) if isinstance(v, float) else
                          {a: round(b, 1) for a, b in v.items()} if isinstance(v, dict) else v)
@@ -315,6 +337,7 @@ def main(argv=None) -> dict:
             "peak_burst_gflop_per_s": round(peak.burst / 1e9, 1), "matmul": args.matmul,
             "dtype": args.dtype, "platform": jax.devices()[0].platform,
             "cpu_cores": os.cpu_count(), "length": args.length, "image_size": args.image_size,
+            "imagenet_batch": args.imagenet_batch,
             "rows": [clean(r) for r in rows], "memory": {
                 n: {k: round(v, 1) for k, v in m.items()} for n, m in memory_rows.items()}}
   for r in rows:

@@ -1,8 +1,8 @@
 """Where the train step's time goes: XLA ops by kind, from a `jax.profiler` trace of one step.
 
-    python -m benchmarks.profile_step [--config paper] [--kind image] [--image_size 224]
-                                      [--image_batch 8] [--tokens_per_batch N] [--length 64]
-                                      [--top 15]
+    python -m benchmarks.profile_step [--config paper] [--kind text|image|imagenet]
+                                      [--image_size 28] [--image_batch 32] [--tokens_per_batch N]
+                                      [--length 64] [--top 15]
 
 Builds the same step as `benchmarks/mfu.py` (the trainer's `train_step` under `jax.jit`, state
 donated, synthetic batch of the input pipeline's shapes), runs two warm-up steps, traces one, and
@@ -52,7 +52,7 @@ def op_times(trace_dir: str) -> collections.Counter:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="paper")
-  parser.add_argument("--kind", choices=["text", "image"], default="image")
+  parser.add_argument("--kind", choices=mfu.KINDS, default="image")
   parser.add_argument("--length", type=int, default=64)
   parser.add_argument("--image_size", type=int, default=mfu.IMAGE_SIZE)
   mfu.add_batch_arguments(parser)
