@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -371,6 +372,23 @@ def test_logged_learning_rate_is_the_schedule_without_device_work():
     rate = optim.noam_rate(0.2, 256, 300, step)
     assert isinstance(rate, float)
     assert rate == pytest.approx(float(schedule(step)), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 1.0, 30.0])
+def test_clip_by_global_norm_equals_optax(scale):
+  """Our clip (one scalar factor) gives optax's result, up to rounding, below, at and above the
+  norm and for a zero gradient, and keeps its (empty) state: checkpoints restore either way."""
+  rng = np.random.default_rng(0)
+  grads = {"w": scale * rng.standard_normal((7, 5)).astype(np.float32),
+           "b": [scale * rng.standard_normal((3,)).astype(np.float32)]}
+  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  got, state = ours.update(grads, ours.init(grads))
+  want, want_state = theirs.update(grads, theirs.init(grads))
+  assert jax.tree.structure(state) == jax.tree.structure(want_state)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=0)
+  assert float(optax.tree.norm(got)) == pytest.approx(min(float(optax.tree.norm(grads)), 1.0),
+                                                      rel=1e-6)
 
 
 def test_cooldown_falls_linearly_to_zero_over_the_last_steps():
