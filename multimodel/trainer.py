@@ -176,19 +176,28 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if gradnorm is not None:  # A non-finite gradient on a frozen W must not reach the weights.
     finite = finite & jnp.isfinite(norms).all()
-  updates, opt_state = tx.update(grads, state["opt_state"], params)
   if task_schedule is not None:
     schedule, ids = task_schedule
     ids = jnp.asarray(ids)
-    updates = optim.apply_learning_rate(updates, schedule(state["task_steps"][ids].max()))
-  new_params = optax.apply_updates(params, updates)
-  if frozen:  # The old arrays themselves: not even the sign of a zero can change.
-    old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
-    new_params = jax.tree.unflatten(jax.tree.structure(new_params),
-                                    [o if f else n for o, n, f in zip(old, new, frozen)])
+
+  def update(params_and_opt_state):
+    params, opt_state = params_and_opt_state
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if task_schedule is not None:
+      updates = optim.apply_learning_rate(updates, schedule(state["task_steps"][ids].max()))
+    new_params = optax.apply_updates(params, updates)
+    if frozen:  # The old arrays themselves: not even the sign of a zero can change.
+      old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
+      new_params = jax.tree.unflatten(jax.tree.structure(new_params),
+                                      [o if f else n for o, n, f in zip(old, new, frozen)])
+    return new_params, opt_state
+
+  # A branch, not a select of old and new: with both alive, XLA copies the Adam moments before
+  # updating them in place (docs/performance.md, "The optimizer's update").
+  new_params, opt_state = jax.lax.cond(finite, update, lambda old: old,
+                                       (params, state["opt_state"]))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = dict(state, params=keep(new_params, params),
-                   opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1,
+  new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1,
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
   if gradnorm is not None:
     new_state["gradnorm"] = keep(task_weights, state["gradnorm"])
