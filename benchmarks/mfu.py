@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from multimodel import flops, optim, trainer
+from multimodel import flops, host_memory, optim, trainer
 from multimodel.model import MultiModel, TaskSpec
 
 TEXT_TASK = TaskSpec("text", "text", command_id=3)
@@ -263,6 +263,7 @@ def describe_machine() -> str:
 
 
 def main(argv=None) -> dict:
+  host_memory.keep_freed_memory()  # As training does.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="tiny,default,paper")
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {', '.join(KINDS)}")

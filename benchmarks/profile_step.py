@@ -27,6 +27,7 @@ import time
 import jax
 
 from benchmarks import mfu
+from multimodel import host_memory
 
 
 def op_times(trace_dir: str) -> collections.Counter:
@@ -50,6 +51,7 @@ def op_times(trace_dir: str) -> collections.Counter:
 
 
 def main(argv=None) -> dict:
+  host_memory.keep_freed_memory()  # As training does.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="paper")
   parser.add_argument("--kind", choices=mfu.KINDS, default="image")

@@ -19,6 +19,7 @@ import json
 import jax.numpy as jnp
 
 from benchmarks import mfu
+from multimodel import host_memory
 
 
 def _row(config, seq_length, peak, repeats, **extra) -> dict:
@@ -40,6 +41,7 @@ def _print(rows, key, label):
 
 
 def main(argv=None) -> dict:
+  host_memory.keep_freed_memory()  # As training does.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="default", help="tiny | default | paper")
   parser.add_argument("--lengths", default="32,64,128,256")

@@ -10,6 +10,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from multimodel import host_memory
+
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +67,7 @@ def check_overrides(argv) -> str | None:
 
 
 def train_main(argv=None):
+  host_memory.keep_freed_memory()  # Before any thread starts.
   argv = sys.argv if argv is None else argv
   problem = check_overrides(argv)
   if problem:
