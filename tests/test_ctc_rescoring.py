@@ -1,0 +1,59 @@
+"""experiments/ctc_rescoring.py: the CTC head's greedy letters and N-best rescoring, on a tiny run."""
+
+import numpy as np
+import pytest
+
+from experiments import ctc_rescoring
+from multimodel import trainer
+from multimodel.model import CTC_ALPHABET
+from tests import tiny_data
+from tests.test_train import small_config
+
+
+def test_letters_and_ctc_greedy():
+  assert ctc_rescoring.letters("Press 1, then 'Enter'!") == "pressthen'enter'"
+  a, b = CTC_ALPHABET.index("a") + 1, CTC_ALPHABET.index("b") + 1
+  frames = [a, a, 0, a, b, b, 0, 0, a]  # Repeats merge unless a blank parts them; last is padding.
+  logits = np.eye(len(CTC_ALPHABET) + 1)[frames]
+  mask = np.array([True] * 8 + [False])
+  assert ctc_rescoring.ctc_greedy(logits, mask) == "aab"
+
+
+def _run(tmp_path, monkeypatch, **model):
+  tiny_data.use(monkeypatch)
+  config = small_config(steps=2)
+  with config.unlocked():
+    config.data.tasks = "speech_en"
+    config.data.weights = ""
+    config.data.text_buckets = (64,)
+    config.data.tokens_per_batch = 256
+    config.model.audio.conv_filters = 8
+    config.model.update(model)
+  trainer.train_and_evaluate(config, tmp_path, progress=False)
+  return tmp_path
+
+
+def test_rescoring_picks_by_the_weighted_sum(tmp_path, monkeypatch):
+  workdir = _run(tmp_path, monkeypatch, ctc_weight=0.3, ctc_units="chars")
+  result = ctc_rescoring.run(str(workdir), "speech_en", "test", beam_size=3, max_examples=6,
+                             weights=[0.0, 1.0])
+  assert result["examples"] == 6
+  assert set(result["rows"]) == {"greedy", "ctc_greedy", "beam3_ctc0", "beam3_ctc1"}
+  for row in result["rows"].values():
+    assert all(np.isfinite(v) and v >= 0 for v in row.values())
+  for i, out in enumerate(result["_outputs"]):
+    assert len(out["hypotheses"]) == 3
+    ctc = np.asarray(out["ctc_logp"])
+    assert (ctc[np.isfinite(ctc)] <= 1e-4).all()  # Log-likelihoods.
+    finite = np.isfinite(out["decoder_logp"])
+    best_decoder = int(np.argmax(np.where(finite, out["decoder_logp"], -np.inf)))
+    best_ctc = int(np.argmax(np.where(finite, ctc, -np.inf)))
+    assert result["_picked"][0.0][i] == out["hypotheses"][best_decoder]
+    assert result["_picked"][1.0][i] == out["hypotheses"][best_ctc]
+
+
+def test_a_run_without_a_letter_ctc_head_is_refused(tmp_path, monkeypatch):
+  workdir = _run(tmp_path, monkeypatch, ctc_weight=0.0)
+  with pytest.raises(ValueError, match="no CTC head over letters.*ctc_weight=0.0"):
+    ctc_rescoring.run(str(workdir), "speech_en", "test", beam_size=2, max_examples=2,
+                      weights=[0.0])
