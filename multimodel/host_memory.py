@@ -4,8 +4,9 @@ XLA's CPU runtime allocates the temporary buffers of every execution of a progra
 them when it ends: hundreds of MiB per train step. glibc's malloc serves blocks that large with
 `mmap` and gives them back to the kernel on `free`, so every step touches its temporaries as new
 pages, and the kernel zeroes each one in a page fault: 240 thousand faults (0.9 GiB) in each
-`paper` image step at 28x28, which took 640 ms with them and 390 ms without; the main job's text
-and image steps 511 -> 457 ms and 116 -> 99 ms (docs/performance.md, "Page faults").
+`paper` image step at 28x28, which took 640 ms with them and 390 ms without; the text and image
+steps of `default` (the main job's config) 511 -> 457 ms and 116 -> 99 ms (docs/performance.md,
+"Page faults and the optimizer's update").
 
 `keep_freed_memory()` tells glibc (`mallopt`) to serve every thread from one arena, never with
 `mmap`, and never to trim the heap: freed blocks stay in the process and the next step reuses

@@ -60,8 +60,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   with the same empty state, so checkpoints of either restore into the other. optax selects
   between g and its clipped copy per element; XLA's CPU backend writes that copy out in full and
   every Adam loop then reads it back, where a scalar factor fuses into those loops: the `paper`
-  config's update takes 99-138 ms instead of 294-308 (docs/performance.md, "The optimizer's
-  update").
+  config's update takes 99-138 ms instead of 294-308 (docs/performance.md, "Page faults and the
+  optimizer's update").
   """
 
   def update_fn(updates, state, params=None):

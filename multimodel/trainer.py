@@ -193,7 +193,7 @@ def train_step(state: dict, batches: dict, rng: jax.Array, weights: jax.Array | 
     return new_params, opt_state
 
   # A branch, not a select of old and new: with both alive, XLA copies the Adam moments before
-  # updating them in place (docs/performance.md, "The optimizer's update").
+  # updating them in place (docs/performance.md, "Page faults and the optimizer's update").
   new_params, opt_state = jax.lax.cond(finite, update, lambda old: old,
                                        (params, state["opt_state"]))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
