@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {', '.join(KINDS)}")
   parser.add_argument("--length", type=int, default=64, help="L of the text batch (S = T = L)")
   parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
-                      help="H = W of the `image` kind's batch (28: the embedded tasks' MNIST shape)")
+                      help="H = W of the `image` kind's batch (28: the embedded tasks' shape)")
   parser.add_argument("--imagenet_batch", type=int, default=IMAGENET_BATCH,
                       help=f"B of the `imagenet` kind's {IMAGENET_SIZE}x{IMAGENET_SIZE} batch")
   add_batch_arguments(parser)

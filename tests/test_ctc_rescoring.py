@@ -1,4 +1,4 @@
-"""experiments/ctc_rescoring.py: the CTC head's greedy letters and N-best rescoring, on a tiny run."""
+"""experiments/ctc_rescoring.py: the CTC head's greedy letters and N-best rescoring (tiny run)."""
 
 import numpy as np
 import pytest
