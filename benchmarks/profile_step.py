@@ -1,7 +1,7 @@
 """Where the train step's time goes: XLA ops by kind, from a `jax.profiler` trace of one step.
 
     python -m benchmarks.profile_step [--config paper] [--kind text|image|imagenet]
-                                      [--image_size 28] [--image_batch 32] [--tokens_per_batch N]
+                                      [--image_size 28] [--image_batch N] [--tokens_per_batch N]
                                       [--length 64] [--top 15]
 
 Builds the same step as `benchmarks/mfu.py` (the trainer's `train_step` under `jax.jit`, state
