@@ -5,10 +5,10 @@ formulation in `jax.numpy` does better (docs/performance.md). For those, a C++ s
 this module is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`), for the
 machine it runs on, and cached under `$MULTIMODEL_CACHE` (default `~/.cache/multimodel`) by a hash
 of the source, the compiler command, the jax and jaxlib versions and the CPU. Nothing is built at
-install time and nothing is required: where there is no compiler, the build fails, the platform is not a CPU, or the process
-sees more than one device (an FFI call has no sharding rule), `usable()` is False and callers use
-their `jax.numpy` form, which computes the same values. `MULTIMODEL_CPU_KERNELS=0` turns the
-kernels off.
+install time and nothing is required: where there is no compiler, the build fails, the platform
+is not a CPU, or the process sees more than one device (an FFI call has no sharding rule),
+`usable()` is False and callers use their `jax.numpy` form, which computes the same values.
+`MULTIMODEL_CPU_KERNELS=0` turns the kernels off.
 
 Kernels only ever appear in gradients (custom VJPs), so exported inference programs never call
 them and need nothing of this package.
