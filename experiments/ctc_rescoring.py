@@ -21,7 +21,6 @@ The run must have a CTC head over letters.
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ from flax import nnx
 
 from data import pipeline, preprocess, sources
 from data.buckets import InputConfig
-from data.tokenizer import Tokenizer
-from multimodel import checkpoint, evaluation, evaluate, objective
+from multimodel import evaluation, evaluate, objective
 from multimodel import decode as decode_lib
 from multimodel import metrics as metrics_lib
 from multimodel.model import CTC_ALPHABET
@@ -81,16 +79,11 @@ def make_scorer(graphdef, spec, table, *, beam_size: int, max_length: int, no_re
 
 def run(workdir: str, task_name: str, split: str, beam_size: int, max_examples: int,
         weights: list[float]) -> dict:
-  loaded = checkpoint.load_run(workdir)
-  task = evaluate.run_task(loaded, task_name)
+  loaded, task, tokenizer, graphdef, params = evaluate.load_for_task(workdir, task_name)
   model_cfg = loaded.config.model
   if model_cfg.ctc_weight <= 0 or model_cfg.ctc_units != "chars":
     raise ValueError(f"the run in {workdir} has no CTC head over letters (model.ctc_weight="
                      f"{model_cfg.ctc_weight}, model.ctc_units={model_cfg.ctc_units!r})")
-  if loaded.config.data.data_dir:
-    os.environ["MULTIMODEL_DATA_DIR"] = str(loaded.config.data.data_dir)
-  tokenizer = Tokenizer.from_bytes(loaded.tokenizer_bytes)
-  graphdef, params = evaluate.model_from_run(loaded)
   spec = evaluation.task_spec(task)
   no_repeat = evaluation.resolve_no_repeat_ngram(task, None)
   score = make_scorer(graphdef, spec, jnp.asarray(objective.ctc_char_table(tokenizer)),

@@ -81,6 +81,21 @@ def run_task(run: checkpoint.Run, name: str):
   return tasks_lib.TASKS[name]
 
 
+def load_for_task(workdir: str | pathlib.Path, task_name: str, step: int | None = None,
+                  data_dir: str | None = None):
+  """(run, task, tokenizer or None, graphdef, params) to evaluate `task_name` with checkpoint
+  `step` (default: the latest) of the run in `workdir`; its data read from `data_dir`, else the
+  run's `data.data_dir`, else the default (`MULTIMODEL_DATA_DIR` is set to the one given)."""
+  run = checkpoint.load_run(workdir, step)
+  task = run_task(run, task_name)
+  data_dir = data_dir or run.config.data.data_dir
+  if data_dir:
+    os.environ["MULTIMODEL_DATA_DIR"] = str(data_dir)
+  tokenizer = None if run.tokenizer_bytes is None else Tokenizer.from_bytes(run.tokenizer_bytes)
+  graphdef, params = model_from_run(run)
+  return run, task, tokenizer, graphdef, params
+
+
 def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test",
              step: int | None = None, decode: str = "greedy", beam_size: int = 4,
              no_repeat_ngram: int | None = None, max_examples: int = 0,
@@ -94,13 +109,7 @@ def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test"
 
   from multimodel import evaluation  # pylint: disable=import-outside-toplevel  # Imports TF.
 
-  run = checkpoint.load_run(workdir, step)
-  task = run_task(run, task_name)
-  data_dir = data_dir or run.config.data.data_dir
-  if data_dir:
-    os.environ["MULTIMODEL_DATA_DIR"] = str(data_dir)
-  tokenizer = None if run.tokenizer_bytes is None else Tokenizer.from_bytes(run.tokenizer_bytes)
-  graphdef, params = model_from_run(run)
+  run, task, tokenizer, graphdef, params = load_for_task(workdir, task_name, step, data_dir)
   results = evaluation.evaluate_task(
       graphdef, params, task, tokenizer, InputConfig.from_config(run.config), split=split,
       max_examples=max_examples, decode=decode, beam_size=beam_size,
