@@ -4,12 +4,12 @@
         [--split validation] [--beam_size 8] [--max_examples 200] [--weights 0,0.1,0.3,0.5,0.7,1]
 
 The main job trains speech with a CTC loss over letters on the encoder output (`model.ctc_weight`,
-`model.ctc_units=chars`) besides the attention decoder. This reads a run's checkpoint and, on the
-first `--max_examples` of `--split`:
-1. decodes with the CTC head alone, greedily (best label per frame, repeats merged, blanks
-   dropped), and scores its letters against the reference's (lower-cased, spaces and what the
-   alphabet lacks removed: the head has no space) by CER, next to the decoder's greedy output
-   reduced to letters the same way;
+`model.ctc_units`: chars, or chars_and_spaces) besides the attention decoder. This reads a run's
+checkpoint and, on the first `--max_examples` of `--split`:
+1. decodes with the CTC head alone, greedily (`decode.ctc_best_path`), and scores its letters
+   against the reference's (lower-cased, spaces and what the alphabet lacks removed, since a
+   "chars" head has no space) by CER, next to the decoder's greedy output reduced to letters the
+   same way;
 2. takes the N best hypotheses of beam search (`decode.beam_search(return_all=True)`, the task's
    n-gram rule) and picks, for each CTC weight w of `--weights`, the one with the best
    (1 - w) * log P_decoder + w * log P_CTC, log P_CTC being the CTC head's log-likelihood of the
@@ -33,7 +33,7 @@ from data.buckets import InputConfig
 from multimodel import evaluation, evaluate, objective
 from multimodel import decode as decode_lib
 from multimodel import metrics as metrics_lib
-from multimodel.model import CTC_ALPHABET
+from multimodel.model import CTC_ALPHABET, ctc_alphabet
 
 
 def letters(text: str) -> str:
@@ -41,17 +41,8 @@ def letters(text: str) -> str:
   return "".join(c for c in text.lower() if c in CTC_ALPHABET)
 
 
-def ctc_greedy(logits: np.ndarray, mask: np.ndarray) -> str:
-  """Best label per real frame, repeats merged, blanks (0) dropped -> letters."""
-  out, prev = [], 0
-  for label in logits[mask].argmax(-1):
-    if label != prev and label != 0:
-      out.append(CTC_ALPHABET[label - 1])
-    prev = label
-  return "".join(out)
-
-
-def make_scorer(graphdef, spec, table, *, beam_size: int, max_length: int, no_repeat_ngram: int):
+def make_scorer(graphdef, spec, table, space: int, *, beam_size: int, max_length: int,
+                no_repeat_ngram: int):
   """A jitted fn(params, inputs, mask) -> N-best tokens [B, N, T], their decoder and CTC
   log-likelihoods [B, N], the CTC head's logits [B, S, L] and frame mask [B, S]."""
 
@@ -68,7 +59,7 @@ def make_scorer(graphdef, spec, table, *, beam_size: int, max_length: int, no_re
     mask = jnp.ones(logits.shape[:2], bool) if enc_mask is None else enc_mask
     batch, n, length = seqs.shape
     labels = objective.ctc_char_labels(
-        jnp.where(seqs == decode_lib.EOS_ID, 0, seqs).reshape(batch * n, length), table)
+        jnp.where(seqs == decode_lib.EOS_ID, 0, seqs).reshape(batch * n, length), table, space)
     ctc_logp = -optax.ctc_loss(jnp.repeat(logits, n, axis=0),
                                jnp.repeat(1.0 - mask.astype(jnp.float32), n, axis=0), labels,
                                (labels == 0).astype(jnp.float32), blank_id=0).reshape(batch, n)
@@ -81,14 +72,15 @@ def run(workdir: str, task_name: str, split: str, beam_size: int, max_examples: 
         weights: list[float]) -> dict:
   loaded, task, tokenizer, graphdef, params = evaluate.load_for_task(workdir, task_name)
   model_cfg = loaded.config.model
-  if model_cfg.ctc_weight <= 0 or model_cfg.ctc_units != "chars":
+  if model_cfg.ctc_weight <= 0 or model_cfg.ctc_units == "pieces":
     raise ValueError(f"the run in {workdir} has no CTC head over letters (model.ctc_weight="
                      f"{model_cfg.ctc_weight}, model.ctc_units={model_cfg.ctc_units!r})")
   spec = evaluation.task_spec(task)
   no_repeat = evaluation.resolve_no_repeat_ngram(task, None)
-  score = make_scorer(graphdef, spec, jnp.asarray(objective.ctc_char_table(tokenizer)),
-                      beam_size=beam_size, max_length=task.max_target_length,
-                      no_repeat_ngram=no_repeat)
+  alphabet = ctc_alphabet(model_cfg.ctc_units)
+  score = make_scorer(graphdef, spec, objective.run_ctc_char_table(model_cfg, tokenizer),
+                      objective.ctc_space_label(model_cfg.ctc_units), beam_size=beam_size,
+                      max_length=task.max_target_length, no_repeat_ngram=no_repeat)
   greedy = decode_lib.make_decoder(graphdef, spec, max_length=task.max_target_length,
                                    no_repeat_ngram=no_repeat)
   source = sources.open_split(task, split)
@@ -105,7 +97,8 @@ def run(workdir: str, task_name: str, split: str, beam_size: int, max_examples: 
           "index": int(index),
           "reference": preprocess.as_text(task.preprocess(source[int(index)])["targets"]),
           "greedy": tokenizer.decode(greedy_tokens[row]),
-          "ctc_greedy": ctc_greedy(logits[row], mask[row]),
+          "ctc_greedy": letters(decode_lib.ctc_best_path(logits[row].argmax(-1), mask[row],
+                                                         alphabet)),
           "hypotheses": [tokenizer.decode(s) for s in seqs[row]],
           "decoder_logp": decoder_logp[row].tolist(), "ctc_logp": ctc_logp[row].tolist()})
   examples.sort(key=lambda e: e["index"])

@@ -460,3 +460,15 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
               word_starts=word_starts, max_open_run=max_open_run)
 
   return decode
+
+
+def ctc_best_path(labels, mask, alphabet: str) -> str:
+  """The text of a CTC head's best path: its best label per real frame (`labels` int [S] with
+  `mask` bool [S]), repeats merged, blanks (0) dropped, label i + 1 read as `alphabet[i]`; spaces
+  trimmed and single."""
+  out, previous = [], 0
+  for label in [int(x) for x, real in zip(labels, mask) if real]:
+    if label != previous and label != 0:
+      out.append(alphabet[label - 1])
+    previous = label
+  return " ".join("".join(out).split()) if " " in alphabet else "".join(out)

@@ -25,7 +25,7 @@ from data.buckets import InputConfig
 from data.tasks import Task
 from data.tokenizer import Tokenizer
 from multimodel import objective
-from multimodel.model import TaskSpec
+from multimodel.model import TaskSpec, ctc_alphabet
 
 
 def task_spec(task: Task) -> TaskSpec:
@@ -67,12 +67,18 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`),
   over exactly its input's words with `leaves_are_input` (`decode.keep_input_leaves`).
 
+  A model whose CTC head writes spaces (`model.ctc_units="chars_and_spaces"`) also has the head's
+  best path scored on audio tasks as `ctc_wer` and `ctc_cer` (and kept as "ctc_prediction").
+
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
   for sequence targets (when decoding), class indices for label targets; `results["decode"]` and
   `results["no_repeat_ngram"]` say how sequences were decoded ("none" and 0 when they were not).
   """
   spec = task_spec(task)
   no_repeat_ngram = resolve_no_repeat_ngram(task, no_repeat_ngram)
+  units = getattr(nnx.merge(graphdef, params), "ctc_units", "pieces")
+  ctc_writes_text = (" " in ctc_alphabet(units) if units != "pieces" else False) and (
+      task.input_modality == "audio" and task.target_modality == "text" and decode != "none")
 
   @jax.jit
   def sums(params, batch):
@@ -86,6 +92,10 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     if task.target_modality == "label":  # The predicted classes are the classifier's outputs.
       logits, _ = model(spec, batch["inputs"], batch["targets"], batch.get("input_mask"))
       out["predictions"] = jnp.argmax(logits, axis=-1)  # [B]
+    if ctc_writes_text:  # The CTC head's best label per frame.
+      enc, enc_mask, _ = model.encode(spec, batch["inputs"], batch.get("input_mask"))
+      out["ctc_labels"] = jnp.argmax(model.ctc_head(enc), axis=-1)  # [B, S']
+      out["ctc_mask"] = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
     return out
 
   totals, decoded, start = {}, [], time.time()
@@ -103,6 +113,7 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                                      max_examples=max_examples or None):
     out = jax.device_get(sums(params, _model_keys(batch)))
     predictions = out.pop("predictions", None)
+    ctc_labels, ctc_mask = out.pop("ctc_labels", None), out.pop("ctc_mask", None)
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     if predictions is not None:
@@ -116,6 +127,9 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
           reference = preprocess.as_text(task.preprocess(source[int(index)])["targets"])
           decoded.append({"index": int(index), "prediction": tokenizer.decode(tokens[row]),
                           "reference": reference})
+          if ctc_labels is not None:
+            decoded[-1]["ctc_prediction"] = decode_lib.ctc_best_path(
+                ctc_labels[row], ctc_mask[row], ctc_alphabet(units))
   weight = max(totals.get("weight", 0.0), 1.0)
   results = {"log_perplexity": totals.get("nll", math.nan) / weight,
              "token_accuracy": totals.get("correct", math.nan) / weight,
@@ -132,6 +146,9 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     for name in task.metrics:
       if name in metrics_lib.SEQUENCE_METRICS:
         results[name] = metrics_lib.SEQUENCE_METRICS[name](hyps, refs)
+        if ctc_writes_text and name in ("wer", "cer"):  # The CTC head's transcripts, scored alike.
+          results[f"ctc_{name}"] = metrics_lib.SEQUENCE_METRICS[name](
+              [d["ctc_prediction"] for d in decoded], refs)
     results["examples"] = len(decoded)
   results["decode"] = decode if decoder is not None else "none"
   results["no_repeat_ngram"] = no_repeat_ngram if decoder is not None else 0
@@ -156,8 +173,8 @@ def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, spli
   return results
 
 
-HEADLINE = ("accuracy", "top5", "bleu", "chrf", "wer", "cer", "exact_match", "bracket_f1",
-            "token_accuracy", "log_perplexity", "input_gain")
+HEADLINE = ("accuracy", "top5", "bleu", "chrf", "wer", "cer", "ctc_wer", "ctc_cer", "exact_match",
+            "bracket_f1", "token_accuracy", "log_perplexity", "input_gain")
 
 
 def format_table(results: dict) -> str:

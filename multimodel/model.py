@@ -46,10 +46,11 @@ def pre_norm(cfg) -> bool:
 
 
 LABEL_HEADS = ("pool", "decoder")
-CTC_UNITS = ("pieces", "chars")
+CTC_UNITS = ("pieces", "chars", "chars_and_spaces")
 # The labels of a CTC loss over characters (`ctc_units="chars"`): label i + 1 is CTC_ALPHABET[i],
-# 0 is the blank. Letters and apostrophes only: our speech transcripts hold nothing else but
-# spaces, which CTC does not need in order to read the audio.
+# 0 is the blank. Letters and apostrophes: our speech transcripts hold nothing else but spaces,
+# which CTC does not need in order to read the audio. `ctc_units="chars_and_spaces"` adds the
+# space as the last label, so that the head's own best path is a transcript.
 CTC_ALPHABET = "abcdefghijklmnopqrstuvwxyz'"
 
 
@@ -58,6 +59,12 @@ def ctc_units(cfg) -> str:
   if cfg.ctc_units not in CTC_UNITS:
     raise ValueError(f"model.ctc_units must be one of {CTC_UNITS}, got {cfg.ctc_units!r}")
   return cfg.ctc_units
+
+
+def ctc_alphabet(units: str) -> str:
+  """The characters of a CTC head over `units` ("chars" or "chars_and_spaces"): label i + 1 is
+  character i."""
+  return CTC_ALPHABET + " " if units == "chars_and_spaces" else CTC_ALPHABET
 
 
 def label_head(cfg) -> str:
@@ -237,11 +244,12 @@ class MultiModel(nnx.Module):
     self.mixer = Mixer(cfg, **kw)
     self.decoder = Decoder(cfg, **kw)
     self.dropout = nnx.Dropout(cfg.dropout)
-    # The CTC loss's own softmax when it is over characters (the blank and CTC_ALPHABET).
+    # The CTC loss's own softmax when it is over characters (the blank and `ctc_alphabet`).
     self.ctc_head = nnx.Linear(
-        cfg.d_model, 1 + len(CTC_ALPHABET), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        cfg.d_model, 1 + len(ctc_alphabet(self.ctc_units)), dtype=dtype, param_dtype=param_dtype,
+        rngs=rngs,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (sharding.EMBED, None))
-    ) if cfg.ctc_weight > 0 and self.ctc_units == "chars" else None
+    ) if cfg.ctc_weight > 0 and self.ctc_units != "pieces" else None
 
   def _modality(self, name):
     if name not in self.modalities:
@@ -285,8 +293,8 @@ class MultiModel(nnx.Module):
       aux: {"encoder": MoE aux, "decoder": MoE aux} (no decoder entry for label targets read by
         `label_head="pool"`), and for audio inputs with text targets when `ctc_weight` > 0,
         "ctc": {"logits": the text softmax applied to the encoder output [B, S', V] (id 0, the
-        padding id, is CTC's blank), or with `ctc_units="chars"` the CTC head's [B, S', 28]
-        (the blank and CTC_ALPHABET), "mask": bool [B, S']}: `objective.ctc_loss` reads it.
+        padding id, is CTC's blank), or over characters the CTC head's [B, S', 28 or 29] (the
+        blank and `ctc_alphabet`), "mask": bool [B, S']}: `objective.ctc_loss` reads it.
     """
     enc, enc_mask, enc_aux = self.encode(task, inputs, input_mask, train=train, rngs=rngs)
     target = self._modality(task.target_modality)

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from multimodel.decode import EOS_ID
-from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec
+from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec, ctc_alphabet
 
 Array = jax.Array
 
@@ -33,13 +33,14 @@ def dropped_fractions(aux: dict) -> dict:
           if "dropped_fraction" in layer}
 
 
-def ctc_char_table(tokenizer, max_chars: int = 16) -> np.ndarray:
-  """int32 [V, max_chars]: the CTC_ALPHABET labels of each piece's letters, lower-cased, 0-padded.
+def ctc_char_table(tokenizer, max_chars: int = 16, alphabet: str = CTC_ALPHABET) -> np.ndarray:
+  """int32 [V, max_chars]: the `alphabet` labels of each piece's letters, lower-cased, 0-padded.
 
-  What a piece holds outside the alphabet (its word-start mark, digits, other scripts) has no
-  label; control and byte pieces have none at all. `ctc_char_labels` reads it.
+  What a piece holds outside the alphabet (digits, other scripts, its word-start mark unless the
+  alphabet has the space) has no label; control and byte pieces have none at all.
+  `ctc_char_labels` reads it.
   """
-  index = {c: i + 1 for i, c in enumerate(CTC_ALPHABET)}
+  index = {c: i + 1 for i, c in enumerate(alphabet)}
   table = np.zeros((tokenizer.vocab_size, max_chars), np.int32)
   for piece_id in range(tokenizer.vocab_size):
     if tokenizer.is_control_or_byte(piece_id):
@@ -51,22 +52,44 @@ def ctc_char_table(tokenizer, max_chars: int = 16) -> np.ndarray:
 
 def run_ctc_char_table(model_cfg, tokenizer) -> np.ndarray | None:
   """The `ctc_char_table` a run's train step needs: None unless its CTC loss is over characters."""
-  if tokenizer is None or model_cfg.ctc_weight <= 0 or model_cfg.ctc_units != "chars":
+  if tokenizer is None or model_cfg.ctc_weight <= 0 or model_cfg.ctc_units == "pieces":
     return None
-  return ctc_char_table(tokenizer)
+  return ctc_char_table(tokenizer, alphabet=ctc_alphabet(model_cfg.ctc_units))
 
 
-def ctc_char_labels(targets: Array, table: Array) -> Array:
-  """Piece ids [B, T] (0 = padding) -> their characters' labels [B, T * K], left-aligned, 0-padded."""
-  chars = jnp.asarray(table)[targets].reshape(targets.shape[0], -1)  # [B, T * K]
-  real = chars != 0
-  position = jnp.where(real, jnp.cumsum(real, axis=1) - 1, chars.shape[1])  # Padding: dropped.
-  rows = jnp.arange(chars.shape[0])[:, None]
-  return jnp.zeros_like(chars).at[rows, position].set(chars, mode="drop")
+def ctc_space_label(units: str) -> int:
+  """The label of the space in a CTC head over `units`; 0 (none) unless it writes spaces."""
+  alphabet = ctc_alphabet(units) if units != "pieces" else ""
+  return alphabet.index(" ") + 1 if " " in alphabet else 0
+
+
+def _compact(labels: Array) -> Array:
+  """Labels [B, N] with their zeros removed: the rest left-aligned in order, 0-padded."""
+  real = labels != 0
+  position = jnp.where(real, jnp.cumsum(real, axis=1) - 1, labels.shape[1])  # Zeros: dropped.
+  rows = jnp.arange(labels.shape[0])[:, None]
+  return jnp.zeros_like(labels).at[rows, position].set(labels, mode="drop")
+
+
+def ctc_char_labels(targets: Array, table: Array, space: int = 0) -> Array:
+  """Piece ids [B, T] (0 = padding) -> their characters' labels [B, T * K], left-aligned, 0-padded.
+
+  With `space` (the space's label, `ctc_space_label`), spaces only stand between words: none
+  first or last, none twice in a row (a word-start piece with no letters, "\u2581" before "(",
+  adds a space of its own).
+  """
+  labels = _compact(jnp.asarray(table)[targets].reshape(targets.shape[0], -1))  # [B, T * K]
+  if not space:
+    return labels
+  is_space = labels == space
+  previous = jnp.pad(labels[:, :-1], ((0, 0), (1, 0)))  # 0 before the first.
+  labels = _compact(jnp.where(is_space & ((previous == space) | (previous == 0)), 0, labels))
+  following = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)))  # 0 after the last.
+  return jnp.where((labels == space) & (following == 0), 0, labels)
 
 
 def ctc_loss(ctc: dict, targets: Array, weights: Array | None = None,
-             char_table: Array | None = None) -> Array:
+             char_table: Array | None = None, space: int = 0) -> Array:
   """CTC loss per label of the encoder's own predictions (`aux["ctc"]` of the model).
 
   The labels are the targets without their end-of-sequence token (id 0, padding, is the blank),
@@ -82,10 +105,11 @@ def ctc_loss(ctc: dict, targets: Array, weights: Array | None = None,
     targets: int [B, T], 0 = padding, ending in EOS.
     weights: float [B] or None (0 for the padding examples of a last eval batch).
     char_table: None (the labels are the pieces: L = V) or int [V, K] (`ctc_char_table`).
+    space: with `char_table`, the space's label (`ctc_space_label`), or 0.
   """
   labels = jnp.where(targets == EOS_ID, 0, targets)
   if char_table is not None:
-    labels = ctc_char_labels(labels, char_table)
+    labels = ctc_char_labels(labels, char_table, space)
   real = labels != 0
   per_seq = optax.ctc_loss(ctc["logits"], 1.0 - ctc["mask"].astype(jnp.float32), labels,
                            (~real).astype(jnp.float32), blank_id=0)  # [B]
@@ -106,8 +130,9 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
   padding examples of a last eval batch). Metrics hold sums (`loss`, `nll`, `correct`, `weight`,
   and `correct_top5` for label targets), so that evaluation can add them over batches, plus
   `task_loss`, `moe_loss`, `expert_load` and `expert_dropped`, and `ctc_loss` where the model
-  scores one. A model whose CTC loss is over characters (`model.ctc_units="chars"`) scores it
-  only when given the run's `ctc_char_table` (the train step is; evaluation does not need it).
+  scores one. A model whose CTC loss is over characters (`model.ctc_units`: "chars",
+  "chars_and_spaces") scores it only when given the run's `ctc_char_table` (the train step is;
+  evaluation does not need it).
   """
   logits, aux = model(task, batch["inputs"], batch["targets"], batch.get("input_mask"),
                       train=train, rngs=rngs)
@@ -121,8 +146,9 @@ def loss_fn(model: MultiModel, task: TaskSpec, batch: dict, *, train: bool,
                  expert_dropped=dropped_fractions(aux))
   extra = moe_loss
   if "ctc" in aux and (model.ctc_units == "pieces" or ctc_char_table is not None):
-    table = ctc_char_table if model.ctc_units == "chars" else None
-    metrics["ctc_loss"] = ctc_loss(aux["ctc"], batch["targets"], weights, table)
+    table = ctc_char_table if model.ctc_units != "pieces" else None
+    metrics["ctc_loss"] = ctc_loss(aux["ctc"], batch["targets"], weights, table,
+                                   ctc_space_label(model.ctc_units))
     extra = extra + model.ctc_weight * metrics["ctc_loss"]
   if logits.ndim == 2:  # Class labels: also count top-5 hits.
     k = min(5, logits.shape[-1])

@@ -11,7 +11,7 @@ from flax import nnx
 from modalities import audio
 from multimodel import attention, decode, objective, optim, trainer
 from multimodel.configs import common, paper
-from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec
+from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec, ctc_alphabet
 
 B, S, T = 2, 9, 7
 
@@ -392,6 +392,36 @@ def test_ctc_char_table_and_labels():
   assert float(objective.ctc_loss(ctc, targets[1:], char_table=table)) > 5.0
 
 
+def test_spaced_ctc_labels_put_one_space_between_words():
+  alphabet = ctc_alphabet("chars_and_spaces")
+  assert alphabet == CTC_ALPHABET + " " and ctc_alphabet("chars") == CTC_ALPHABET
+  space = objective.ctc_space_label("chars_and_spaces")
+  assert space == len(alphabet) and objective.ctc_space_label("chars") == 0
+  assert objective.ctc_space_label("pieces") == 0
+  table = objective.ctc_char_table(_Pieces(), max_chars=4, alphabet=alphabet)
+  index = lambda c: alphabet.index(c) + 1
+  np.testing.assert_array_equal(table[3], [space, index("a"), index("b"), 0])  # The word start.
+  spaced = small_config(ctc_weight=0.3, ctc_units="chars_and_spaces")
+  np.testing.assert_array_equal(objective.run_ctc_char_table(spaced, _Pieces())[:, :4], table)
+  # Pieces " Ab", "c'd" and a word start with no letters (6, a piece of its own) read
+  # " | ab| | | ab|c'd| ab| ": one space between words; none first, last or twice in a row.
+  table = np.concatenate([table, [[space, 0, 0, 0]]])  # Piece 6: a lone word start.
+  targets = jnp.asarray([[6, 3, 6, 6, 3, 4, 3, 6], [4, 6, 0, 0, 0, 0, 0, 0]], jnp.int32)
+  labels = np.asarray(objective.ctc_char_labels(targets, table, space))
+  text = ["".join(alphabet[i - 1] for i in row if i) for row in labels]
+  assert text == ["ab abc'd ab", "c'd"]
+  assert labels[0, len("ab abc'd ab"):].sum() == 0
+
+
+def test_ctc_best_path_merges_repeats_and_drops_blanks():
+  alphabet = ctc_alphabet("chars_and_spaces")
+  a, b, space = alphabet.index("a") + 1, alphabet.index("b") + 1, len(alphabet)
+  frames = [space, a, a, 0, a, b, space, space, b, 0, a]  # The last frame is padding.
+  mask = [True] * 10 + [False]
+  assert decode.ctc_best_path(frames, mask, alphabet) == "aab b"
+  assert decode.ctc_best_path([a, 0, a, b, b], [True] * 5, CTC_ALPHABET) == "aab"
+
+
 def test_ctc_over_chars_has_its_own_head_and_needs_the_table():
   rng = np.random.default_rng(7)
   task = TaskSpec("audio", "text", command_id=1)
@@ -410,6 +440,9 @@ def test_ctc_over_chars_has_its_own_head_and_needs_the_table():
   assert "ctc_loss" not in metrics0 and float(metrics1["ctc_loss"]) > 0
   np.testing.assert_allclose(float(loss1), float(loss0) + 0.5 * float(metrics1["ctc_loss"]),
                              rtol=1e-5)
+  spaced = MultiModel(small_config(ctc_weight=0.5, ctc_units="chars_and_spaces"),
+                      rngs=nnx.Rngs(0))
+  assert spaced.ctc_head.kernel.shape == (32, 2 + len(CTC_ALPHABET))
   with pytest.raises(ValueError, match="model.ctc_units must be one of"):
     MultiModel(small_config(ctc_weight=0.5, ctc_units="words"), rngs=nnx.Rngs(0))
 

@@ -33,7 +33,9 @@ MODEL = dict(
     ctc_weight=0.0,
     # What that CTC loss predicts: "pieces" (the target's SentencePiece ids, scored by the text
     # softmax) or "chars" (their letters a-z and apostrophes, scored by a 28-way head of its own;
-    # for English transcripts: other scripts have no labels there, use "pieces").
+    # for English transcripts: other scripts have no labels there, use "pieces") or
+    # "chars_and_spaces" (those and the space between words, 29-way: the head's best path is then
+    # a transcript, scored by evaluation as `ctc_wer` and `ctc_cer`).
     ctc_units="pieces",
     use_attention=True,  # Ablation switch: False removes every attention layer.
     use_moe=True,  # Ablation switch: False replaces every MoE with a dense feed-forward layer.

@@ -91,9 +91,9 @@ def get_config():
   return common.make(
       model=dict(d_model=256, hidden=1024, num_heads=4, encoder_blocks=1, mixer_blocks=1,
                  decoder_blocks=2, num_experts=8, top_k=2, dropout=0.0, norm="pre",
-                 tie_embeddings=False, ctc_weight=0.3, ctc_units="chars",
+                 tie_embeddings=False, ctc_weight=0.3, ctc_units="chars_and_spaces",
                  audio=dict(normalize=True)),
-      train=dict(steps=6500, warmup_steps=300, learning_rate=0.3, log_every=50,
+      train=dict(steps=7000, warmup_steps=300, learning_rate=0.3, log_every=50,
                  checkpoint_every=600, eval_max_examples=200),
       data=dict(text_buckets=(32, 64, 128, 256), weights=WEIGHTS, tokens_per_batch=1024,
                 image_batch_size=16),
