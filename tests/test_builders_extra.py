@@ -49,7 +49,7 @@ def fixture_small_speech(monkeypatch):
 
 def test_speech_features(tmp_path):
   builder = speech_en.SpeechEn(data_dir=str(tmp_path))
-  assert builder.name == "speech_en" and str(builder.version) == "1.2.0"
+  assert builder.name == "speech_en" and str(builder.version) == "1.3.0"
   audio = builder.info.features["audio"]
   assert isinstance(audio, tfds.features.Audio)
   assert audio.shape == (None,) and audio.dtype == np.int16 and audio.sample_rate == 16000
@@ -94,6 +94,27 @@ def test_speech_test_split_is_real_and_unseen_in_train(small_speech):
   assert {ex["source"] for ex in prompts} == {"espeak"}
   assert {ex["text"] for ex in prompts} == real_train
   assert not any(key.startswith("espeak_prompt/") for key in validation)
+
+
+def test_speech_train_holds_the_real_recordings_at_other_speeds():
+  recordings = [r for r in speech_en.real_recordings()
+                if speech_en.real_split(r[2]) == "train"][:3]
+  got = dict(speech_en._real_examples("train", recordings))  # pylint: disable=protected-access
+  speeds = speech_en.REAL_SPEEDS["train"]
+  assert len(got) == len(speeds) * len(recordings)
+  for name, _, text in recordings:
+    original = got[f"asterisk/{name}"]["audio"]
+    for speed in speeds:
+      copy = got[f"asterisk/{name}" + ("" if speed == 1.0 else f"/x{speed:g}")]
+      assert copy["text"] == text and copy["source"] == "asterisk"
+      assert abs(len(copy["audio"]) * speed / len(original) - 1) < 0.01  # speed x as fast.
+      audio = copy["audio"].astype(np.float64)
+      power = np.abs(np.fft.rfft(audio)) ** 2
+      hz = np.fft.rfftfreq(len(audio), 1 / speech_en.SAMPLE_RATE)
+      assert power[hz > 4200].sum() < 1e-3 * power.sum(), speed  # Still the real band only.
+  # Validation and test hold each recording once, as it is.
+  for split in ("validation", "test"):
+    assert speech_en.REAL_SPEEDS[split] == (1.0,)
 
 
 def test_speech_prompt_readings_differ_in_voice(monkeypatch):

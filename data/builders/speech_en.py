@@ -11,6 +11,8 @@ Two sources, both offline:
   eSpeak also reads each train recording's transcript PROMPT_READINGS times, in as many voices: the
   prompts' words and length in voices other than the one real speaker's (never a transcript of
   another split).
+In train, each real recording also comes at the other speeds of REAL_SPEEDS (speed perturbation):
+the one real voice, the test's, in more of the examples.
 
 Transcripts hold lower-case letters, apostrophes and single spaces; numbers are spelled out.
 Recordings longer than MAX_SECONDS are left out.
@@ -52,6 +54,9 @@ MIN_WORDS, MAX_WORDS = 3, 20
 SPLITS = ("train", "validation", "test")
 SYNTH_SIZES = {"train": 3000, "validation": 300, "test": 0}
 PROMPT_READINGS = {"train": 4, "validation": 0, "test": 0}  # eSpeak readings of each real transcript.
+# Speeds at which each real recording is yielded (speed perturbation, Ko et al. 2015: resampled,
+# so tempo and pitch change together); 1.0 is the recording as it is.
+REAL_SPEEDS = {"train": (1.0, 0.9, 0.95, 1.05, 1.1), "validation": (1.0,), "test": (1.0,)}
 SYNTH_WORKERS = max(1, min(4, os.cpu_count() or 1))  # eSpeak NG server processes.
 # Share of the hash space (hundredths) of real recordings per split, keyed by transcript.
 _REAL_BUCKETS = {"test": (0, 35), "validation": (35, 45), "train": (45, 100)}
@@ -192,8 +197,14 @@ def _real_examples(split: str, recordings) -> Iterator[tuple[str, dict]]:
       wav, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as e:
       raise SourceError(TASK, path, f"unreadable wav ({e})", HINT) from e
-    audio = _resample(wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0], rate)
-    yield f"asterisk/{name}", {"audio": audio, "text": text, "source": "asterisk"}
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    yield f"asterisk/{name}", {"audio": _resample(wav, rate), "text": text, "source": "asterisk"}
+    for speed in (s for s in REAL_SPEEDS[split] if s != 1.0):
+      # Read as if recorded at speed x its rate: `speed` times as fast, pitch as much higher; then
+      # through REAL_RATE again, so that a faster copy too holds nothing above 4 kHz.
+      audio = _resample(wav, round(rate * speed), via=REAL_RATE)
+      if len(audio) <= MAX_SECONDS * SAMPLE_RATE:
+        yield f"asterisk/{name}/x{speed:g}", {"audio": audio, "text": text, "source": "asterisk"}
 
 
 # Synthesised speech -------------------------------------------------------------------------------
@@ -333,11 +344,12 @@ def examples(split: str) -> Iterator[tuple[str, dict]]:
 class SpeechEn(base.OfflineBuilder):
   """English speech, real (Asterisk prompts) and synthesised (eSpeak NG), with transcripts."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Synthesised speech band-limited to 4 kHz like the real recordings.",
       "1.2.0": "Train adds eSpeak readings of the train recordings' transcripts.",
+      "1.3.0": "Train holds each real recording at five speeds (REAL_SPEEDS).",
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
