@@ -15,9 +15,9 @@ def test_letters():
   assert ctc_rescoring.letters("Press 1, then 'Enter'!") == "pressthen'enter'"
 
 
-def _run(tmp_path, monkeypatch, **model):
+def _run(tmp_path, monkeypatch, eval_max_examples=-1, **model):
   tiny_data.use(monkeypatch)
-  config = small_config(steps=2)
+  config = small_config(steps=2, eval_max_examples=eval_max_examples)
   with config.unlocked():
     config.data.tasks = "speech_en"
     config.data.weights = ""
@@ -31,7 +31,7 @@ def _run(tmp_path, monkeypatch, **model):
 
 @pytest.mark.parametrize("units", ["chars", "chars_and_spaces"])
 def test_rescoring_picks_by_the_weighted_sum(tmp_path, monkeypatch, units):
-  workdir = _run(tmp_path, monkeypatch, ctc_weight=0.3, ctc_units=units)
+  workdir = _run(tmp_path, monkeypatch, eval_max_examples=4, ctc_weight=0.3, ctc_units=units)
   # The run's own evaluation scores the CTC head's transcripts when the head writes spaces.
   final = json.loads((workdir / "eval" / "speech_en-test.json").read_text())
   assert ("ctc_wer" in final and "ctc_cer" in final) == (units == "chars_and_spaces")
