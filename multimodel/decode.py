@@ -28,10 +28,13 @@ batch as their leading axis) and `decode_step(task, state, prev_token, position)
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from multimodel import ctc_prefix
 
 Array = jax.Array
 EOS_ID = 1
@@ -305,11 +308,32 @@ def _top_k_beams(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
   return (top, index) + tuple(_gather_beams(a, index) for a in arrays)
 
 
+class JointCTC(NamedTuple):
+  """How a CTC head over letters steers beam search (joint CTC/attention decoding, `ctc_prefix`).
+
+  Each hypothesis's `candidates` most likely next pieces under the decoder are scored by the
+  head's prefix log-probability psi (`ctc_prefix.extend`; an EOS by the head's probability of the
+  whole hypothesis), and beams are ranked by (1 - weight) log P_decoder + weight psi.
+  """
+  weight: float     # In [0, 1]; 0 ranks by the decoder alone (among the candidates).
+  table: Array      # int32 [V, K]: each piece's letters (`objective.ctc_char_table`).
+  space: int = 0    # The space's label (`objective.ctc_space_label`); 0 when the head writes none.
+  candidates: int = 0  # Pieces per hypothesis the head scores; 0: max(2 N, 8) (at most V).
+
+
+def _joint(decoder_logp: Array, ctc_logp: Array, weight: float) -> Array:
+  """(1 - weight) decoder_logp + weight ctc_logp, -inf wherever the decoder's is (a rule's ban)."""
+  if weight == 0:
+    return decoder_logp
+  mixed = ctc_logp if weight == 1 else (1 - weight) * decoder_logp + weight * ctc_logp
+  return jnp.where(decoder_logp == NEG_INF, NEG_INF, mixed)
+
+
 def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, beam_size: int,
                 max_length: int, length_penalty: float = 0.6, eos_id: int = EOS_ID,
                 no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
                 word_starts: Array | None = None, max_open_run: int = 0,
-                return_all: bool = False) -> tuple[Array, Array]:
+                return_all: bool = False, ctc: JointCTC | None = None) -> tuple[Array, Array]:
   """Beam search with the incremental cache.
 
   Each step extends the N alive beams by every token and ranks the candidates by log-probability.
@@ -337,6 +361,10 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
       (`keep_input_leaves`; None: off), opening at most `max_open_run` brackets in a row (0: no
       limit).
     return_all: return all N hypotheses, best first, instead of the best one.
+    ctc: joint CTC/attention decoding with the model's `ctc_head` (`JointCTC`; None: off). The
+      ranking and the scores are then the weighted sums, and the candidates of each step are
+      each alive beam's `ctc.candidates` best pieces under the decoder (with as many as 2 N, a
+      weight of 0 finds what plain beam search finds).
   Returns:
     tokens int32 [B, T] (or [B, N, T] with `return_all`), 0 after EOS, and their scores float32
     [B] (or [B, N]): length-penalised log-probabilities (-inf for an empty slot).
@@ -345,13 +373,20 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
   enc, enc_mask, _ = model.encode(task, inputs, input_mask)  # [B, S, D], [B, S] or None
   batch, state = enc.shape[0], model.init_decode_state(task, enc, enc_mask, max_length)
   state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)  # leaves [B * N, ...]
+  joint = ()  # With ctc: the alive beams' decoder log-probabilities [B, N] and prefix states.
+  if ctc is not None:
+    ctc_log_probs = jax.nn.log_softmax(model.ctc_head(enc).astype(jnp.float32))  # [B, S, L]
+    ctc_mask = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
+    candidates = min(ctc.candidates or max(2 * n, 8), ctc.table.shape[0])  # At most V.
+    first_only = jnp.tile(jnp.array([0.0] + [NEG_INF] * (n - 1), jnp.float32), (batch, 1))
+    joint = (first_only, ctc_prefix.init(ctc_log_probs, ctc_mask, n))
   best_possible_penalty = gnmt_length_penalty(max_length, length_penalty)
   leaves = _leaves(inputs, input_mask, word_starts)
   if leaves is not None:
     leaves = jnp.repeat(leaves, n, axis=0)  # [B * N, S]
 
   def cond(carry):
-    t, _, alive_logp, _, finished_scores, _ = carry
+    t, _, alive_logp, _, finished_scores, _, _ = carry
     # Best score an alive beam may still reach vs the worst finished one (-inf while a slot is
     # empty), per example.
     best_alive = alive_logp[:, 0] / best_possible_penalty  # [B]
@@ -359,7 +394,7 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     return (t < max_length) & ~jnp.all(worst_finished >= best_alive)
 
   def body(carry):
-    t, alive_seqs, alive_logp, finished_seqs, finished_scores, state = carry
+    t, alive_seqs, alive_logp, finished_seqs, finished_scores, state, joint = carry
     prev = jax.lax.dynamic_index_in_dim(alive_seqs, jnp.maximum(t - 1, 0), axis=2,
                                         keepdims=False)  # [B, N]
     logits, new_state = model.decode_step(task, state, prev.reshape(-1), t)  # [B * N, V]
@@ -369,19 +404,37 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
                                     no_repeat_ngram)
     log_probs = _tree_rules(log_probs, alive_seqs.reshape(batch * n, -1), t, eos_id,
                             bracket_deltas, word_starts, leaves, max_open_run)
-    candidates = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
+    if ctc is None:
+      scored = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
+    else:  # Each beam's best pieces under the decoder, ranked with the CTC head's prefix score.
+      alive_decoder, prefix = joint
+      decoder_logp, tokens = jax.lax.top_k(log_probs.reshape(batch, n, vocab), candidates)
+      decoder_logp = alive_decoder[..., None] + decoder_logp  # [B, N, P]
+      labels, pending = ctc_prefix.candidate_labels(prefix, tokens, ctc.table, ctc.space)
+      psi, r = ctc_prefix.extend(ctc_log_probs, ctc_mask, prefix, labels)  # [B, N, P]
+      psi = jnp.where(tokens == eos_id, ctc_prefix.final_score(prefix)[..., None], psi)
+      scored = _joint(decoder_logp, psi, ctc.weight)
 
     # Top 2N candidates: token and parent beam of each.
-    logp, flat_index = jax.lax.top_k(candidates.reshape(batch, n * vocab), 2 * n)  # [B, 2N]
-    parent, token = flat_index // vocab, (flat_index % vocab).astype(jnp.int32)  # [B, 2N]
+    width = scored.shape[-1]
+    logp, flat_index = jax.lax.top_k(scored.reshape(batch, n * width), 2 * n)  # [B, 2N]
+    parent = flat_index // width  # [B, 2N]
+    token = (flat_index % vocab if ctc is None else jnp.take_along_axis(
+        tokens.reshape(batch, -1), flat_index, axis=1)).astype(jnp.int32)
     seqs = _gather_beams(alive_seqs, parent)  # [B, 2N, T]
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[..., None], t, axis=2)
     is_eos = token == eos_id  # [B, 2N]
     ends = is_eos & (jnp.arange(2 * n) < n)  # EOS among the N best candidates: finished.
 
     # The best N that do not end here stay alive; the cache follows their parents.
-    alive_logp, _, alive_seqs, alive_parent = _top_k_beams(
+    alive_logp, alive_index, alive_seqs, alive_parent = _top_k_beams(
         jnp.where(is_eos, NEG_INF, logp), n, seqs, parent)  # [B, N], [B, N, T]
+    if ctc is not None:
+      chosen = jnp.take_along_axis(flat_index, alive_index, axis=1)  # [B, N] into [N * P]
+      # A slot filled by an EOS or a banned candidate (score -inf) stays dead.
+      alive_decoder = jnp.where(alive_logp == NEG_INF, NEG_INF, jnp.take_along_axis(
+          decoder_logp.reshape(batch, -1), chosen, axis=1))
+      joint = (alive_decoder, ctc_prefix.choose(prefix, labels, pending, psi, r, chosen))
 
     def gather(new, old):
       # A leaf the step passes through (the cross-attention keys of the tiled encoder output) is
@@ -395,13 +448,13 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
     finished_scores, _, finished_seqs = _top_k_beams(
         jnp.concatenate([finished_scores, scores], axis=1), n,
         jnp.concatenate([finished_seqs, seqs], axis=1))  # [B, N], [B, N, T]
-    return t + 1, alive_seqs, alive_logp, finished_seqs, finished_scores, state
+    return t + 1, alive_seqs, alive_logp, finished_seqs, finished_scores, state, joint
 
   alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (n - 1), jnp.float32), (batch, 1))  # [B, N]
   empty_seqs = jnp.zeros((batch, n, max_length), jnp.int32)  # [B, N, T]
   empty_scores = jnp.full((batch, n), NEG_INF, jnp.float32)
-  carry = (jnp.int32(0), empty_seqs, alive_logp, empty_seqs, empty_scores, state)
-  _, alive_seqs, alive_logp, finished_seqs, finished_scores, _ = jax.lax.while_loop(
+  carry = (jnp.int32(0), empty_seqs, alive_logp, empty_seqs, empty_scores, state, joint)
+  _, alive_seqs, alive_logp, finished_seqs, finished_scores, _, _ = jax.lax.while_loop(
       cond, body, carry)
 
   # Finished hypotheses first (by score), then alive ones truncated at T (by score).
@@ -423,8 +476,8 @@ METHODS = ("greedy", "beam", "full_rerun")
 def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
                  beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = EOS_ID,
                  no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
-                 word_starts: Array | None = None,
-                 max_open_run: int = 0) -> Callable[..., Array]:
+                 word_starts: Array | None = None, max_open_run: int = 0,
+                 ctc: JointCTC | None = None) -> Callable[..., Array]:
   """A jitted pure decoder `fn(state, inputs, input_mask=None) -> tokens int32 [B, T]`.
 
   Args:
@@ -440,20 +493,28 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     word_starts: bool [V] of `keep_input_leaves` for trees whose leaves are the input's pieces
       (`Tokenizer.word_starts`; None: off).
     max_open_run: with `word_starts`, the most brackets opened in a row (0: no limit).
+    ctc: joint CTC/attention decoding (`JointCTC`; None: off). "greedy" is then a joint search
+      of one beam without length penalty (each step's best piece by the weighted sum).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
   if no_repeat_ngram < 0:
     raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
+  if ctc is not None and not 0.0 <= ctc.weight <= 1.0:
+    raise ValueError(f"the CTC weight of joint decoding must be in [0, 1], got {ctc.weight}")
+  if ctc is not None and method == "full_rerun":
+    raise ValueError("joint CTC decoding runs with method 'greedy' or 'beam', not 'full_rerun'")
 
   @jax.jit
   def decode(state, inputs: Array, input_mask: Array | None = None) -> Array:
     model = nnx.merge(graphdef, state)
-    if method == "beam":
-      return beam_search(model, task, inputs, input_mask, beam_size=beam_size,
-                         max_length=max_length, length_penalty=length_penalty, eos_id=eos_id,
+    if method == "beam" or ctc is not None:
+      beam = method == "beam"
+      return beam_search(model, task, inputs, input_mask, beam_size=beam_size if beam else 1,
+                         max_length=max_length,
+                         length_penalty=length_penalty if beam else 0.0, eos_id=eos_id,
                          no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
-                         word_starts=word_starts, max_open_run=max_open_run)[0]
+                         word_starts=word_starts, max_open_run=max_open_run, ctc=ctc)[0]
     fn = greedy if method == "greedy" else full_rerun_greedy
     return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
               no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,

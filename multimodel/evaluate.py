@@ -2,7 +2,7 @@
 
     python -m multimodel.evaluate --workdir runs/default --task translate_en_fr \
         [--split test] [--step 2000] [--decode greedy|beam|none] [--beam_size 4] \
-        [--no_repeat_ngram 3] [--max_examples 100] [--data_dir DIR]
+        [--no_repeat_ngram 3] [--ctc_weight 0.3] [--max_examples 100] [--data_dir DIR]
 
 Reads checkpoint `--step` (default: the latest) of the run: its parameters only (no optimizer
 state), the config and the tokenizer stored with it. Rebuilds the model from that config and runs
@@ -99,8 +99,12 @@ def load_for_task(workdir: str | pathlib.Path, task_name: str, step: int | None 
 def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test",
              step: int | None = None, decode: str = "greedy", beam_size: int = 4,
              no_repeat_ngram: int | None = None, max_examples: int = 0,
-             data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
+             data_dir: str | None = None,
+             ctc_weight: float | None = None) -> tuple[dict, pathlib.Path]:
   """Evaluates `task_name` on `split` with checkpoint `step` of the run in `workdir`.
+
+  `ctc_weight` is the weight of the CTC head in joint decoding of an audio task
+  (`evaluation.evaluate_task`; None: the run's `train.eval_ctc_weight`).
 
   Returns:
     the report (task, split, step, every metric, "decoded": the outputs) and the path of the JSON
@@ -113,7 +117,8 @@ def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test"
   results = evaluation.evaluate_task(
       graphdef, params, task, tokenizer, InputConfig.from_config(run.config), split=split,
       max_examples=max_examples, decode=decode, beam_size=beam_size,
-      no_repeat_ngram=no_repeat_ngram)
+      no_repeat_ngram=no_repeat_ngram,
+      ctc_weight=run.config.train.eval_ctc_weight if ctc_weight is None else ctc_weight)
   report = {"task": task.name, "split": split, "step": run.step, "max_examples": max_examples,
             **results}
   out = run.workdir / "eval" / f"{task.name}-{split}.json"
@@ -135,6 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--no_repeat_ngram", type=int, default=None,
                       help="Never repeat an n-gram of this size in an output (0: off; default: "
                            "the task's own: 3 for translation and speech).")
+  parser.add_argument("--ctc_weight", type=float, default=None,
+                      help="Decode an audio task jointly with the run's CTC head over letters, "
+                           "weighted this much against the decoder, in [0, 1] (0: the decoder "
+                           "alone; default: the run's train.eval_ctc_weight).")
   parser.add_argument("--max_examples", type=int, default=0,
                       help="Evaluate the first N examples of the split (0: all).")
   parser.add_argument("--data_dir", default=None,
@@ -143,6 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.beam_size < 1 or args.max_examples < 0 or (args.no_repeat_ngram or 0) < 0:
     parser.error("--beam_size must be >= 1, --max_examples and --no_repeat_ngram >= 0")
+  if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
+    parser.error(f"--ctc_weight must be in [0, 1], got {args.ctc_weight}")
   return args
 
 
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     report, path = evaluate(args.workdir, args.task, split=args.split, step=args.step,
                             decode=args.decode, beam_size=args.beam_size,
                             no_repeat_ngram=args.no_repeat_ngram,
-                            max_examples=args.max_examples, data_dir=args.data_dir)
+                            max_examples=args.max_examples, data_dir=args.data_dir,
+                            ctc_weight=args.ctc_weight)
   except KeyError as e:
     print(f"error: {e.args[0]}", file=sys.stderr)
     return 2

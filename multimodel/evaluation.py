@@ -58,7 +58,7 @@ def _model_keys(batch: dict) -> dict:
 def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                   input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
                   decode: str = "greedy", beam_size: int = 4,
-                  no_repeat_ngram: int | None = None) -> dict:
+                  no_repeat_ngram: int | None = None, ctc_weight: float = 0.0) -> dict:
   """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
 
   Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
@@ -67,18 +67,40 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`),
   over exactly its input's words with `leaves_are_input` (`decode.keep_input_leaves`).
 
+  With `ctc_weight` > 0, an audio task with text targets is decoded jointly with the model's CTC
+  head over letters (`decode.JointCTC`: beams ranked by (1 - w) log P_decoder + w log P_CTC of the
+  prefix's letters; "greedy" is a joint search of one beam); other tasks are not affected.
+
   A model whose CTC head writes spaces (`model.ctc_units="chars_and_spaces"`) also has the head's
   best path scored on audio tasks as `ctc_wer` and `ctc_cer` (and kept as "ctc_prediction").
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
-  for sequence targets (when decoding), class indices for label targets; `results["decode"]` and
-  `results["no_repeat_ngram"]` say how sequences were decoded ("none" and 0 when they were not).
+  for sequence targets (when decoding), class indices for label targets; `results["decode"]`,
+  `results["no_repeat_ngram"]` and `results["ctc_weight"]` say how sequences were decoded ("none"
+  and 0 when they were not).
   """
   spec = task_spec(task)
   no_repeat_ngram = resolve_no_repeat_ngram(task, no_repeat_ngram)
-  units = getattr(nnx.merge(graphdef, params), "ctc_units", "pieces")
-  ctc_writes_text = (" " in ctc_alphabet(units) if units != "pieces" else False) and (
-      task.input_modality == "audio" and task.target_modality == "text" and decode != "none")
+  model = nnx.merge(graphdef, params)
+  units = getattr(model, "ctc_units", "pieces")
+  reads_speech = (task.input_modality == "audio" and task.target_modality == "text"
+                  and decode != "none")
+  ctc_writes_text = (" " in ctc_alphabet(units) if units != "pieces" else False) and reads_speech
+  joint_ctc = None
+  if ctc_weight and reads_speech:
+    if not 0.0 < ctc_weight <= 1.0:
+      raise ValueError(f"the CTC weight of joint decoding must be in [0, 1], got {ctc_weight}")
+    if getattr(model, "ctc_head", None) is None or units == "pieces":
+      raise ValueError(f"joint CTC decoding (CTC weight {ctc_weight}) needs a CTC head over "
+                       f"letters; this model has model.ctc_units={units!r} and "
+                       f"{'a' if getattr(model, 'ctc_head', None) is not None else 'no'} "
+                       f"letter head (model.ctc_weight > 0 and ctc_units 'chars' or "
+                       f"'chars_and_spaces' make one)")
+    from multimodel import decode as decode_lib  # pylint: disable=import-outside-toplevel
+    joint_ctc = decode_lib.JointCTC(
+        ctc_weight, jnp.asarray(objective.ctc_char_table(tokenizer, alphabet=ctc_alphabet(units))),
+        objective.ctc_space_label(units))
+  del model
 
   @jax.jit
   def sums(params, batch):
@@ -107,7 +129,7 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                                       no_repeat_ngram=no_repeat_ngram,
                                       bracket_deltas=bracket_deltas(task, tokenizer),
                                       word_starts=word_starts(task, tokenizer),
-                                      max_open_run=task.max_open_run)
+                                      max_open_run=task.max_open_run, ctc=joint_ctc)
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):
@@ -152,19 +174,21 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
     results["examples"] = len(decoded)
   results["decode"] = decode if decoder is not None else "none"
   results["no_repeat_ngram"] = no_repeat_ngram if decoder is not None else 0
+  results["ctc_weight"] = joint_ctc.weight if joint_ctc is not None else 0.0
   results["seconds"] = time.time() - start
   results["decoded"] = decoded
   return results
 
 
 def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, split="test",
-                   max_examples=0, decode="greedy", no_repeat_ngram=None, workdir=None) -> dict:
+                   max_examples=0, decode="greedy", no_repeat_ngram=None, ctc_weight=0.0,
+                   workdir=None) -> dict:
   """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task."""
   results = {}
   for task in task_list:
     results[task.name] = evaluate_task(graphdef, params, task, tokenizer, input_config,
                                        split=split, max_examples=max_examples, decode=decode,
-                                       no_repeat_ngram=no_repeat_ngram)
+                                       no_repeat_ngram=no_repeat_ngram, ctc_weight=ctc_weight)
     if workdir is not None:
       out = pathlib.Path(workdir) / "eval" / f"{task.name}-{split}.json"
       out.parent.mkdir(parents=True, exist_ok=True)

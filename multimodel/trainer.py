@@ -315,6 +315,12 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   if (train_cfg.eval_no_repeat_ngram or 0) < 0:  # Checked now, not after training.
     raise ValueError(f"train.eval_no_repeat_ngram must be >= 0 (0: off; unset: each task's own), "
                      f"got {train_cfg.eval_no_repeat_ngram}")
+  if not 0.0 <= train_cfg.eval_ctc_weight <= 1.0 or (train_cfg.eval_ctc_weight > 0 and (
+      config.model.ctc_weight <= 0 or config.model.ctc_units == "pieces")):
+    raise ValueError(f"train.eval_ctc_weight={train_cfg.eval_ctc_weight} must be in [0, 1], and "
+                     f"above 0 only with a CTC head over letters (model.ctc_weight > 0, got "
+                     f"{config.model.ctc_weight}; model.ctc_units 'chars' or 'chars_and_spaces', "
+                     f"got {config.model.ctc_units!r})")
   if (train_cfg.l2sp > 0 and not init
       and not checkpoint.checkpoint_steps(workdir / "checkpoints")):
     raise ValueError(f"train.l2sp={train_cfg.l2sp} pulls the weights toward those of the --init "
@@ -483,7 +489,7 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
         graphdef, params, list(mixture.tasks.values()), tokenizer, InputConfig.from_config(config),
         split=train_cfg.eval_split, max_examples=train_cfg.eval_max_examples,
         decode=train_cfg.eval_decode, no_repeat_ngram=train_cfg.eval_no_repeat_ngram,
-        workdir=workdir if is_main else None)
+        ctc_weight=train_cfg.eval_ctc_weight, workdir=workdir if is_main else None)
     if is_main:
       print(evaluation.format_table(results), flush=True)
   if is_main and train_cfg.plot:

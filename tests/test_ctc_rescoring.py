@@ -15,9 +15,10 @@ def test_letters():
   assert ctc_rescoring.letters("Press 1, then 'Enter'!") == "pressthen'enter'"
 
 
-def _run(tmp_path, monkeypatch, eval_max_examples=-1, **model):
+def _run(tmp_path, monkeypatch, eval_max_examples=-1, train=None, **model):
+  """A 2-step run of speech_en alone on the tiny data; `train` and `model` update the config."""
   tiny_data.use(monkeypatch)
-  config = small_config(steps=2, eval_max_examples=eval_max_examples)
+  config = small_config(steps=2, eval_max_examples=eval_max_examples, **(train or {}))
   with config.unlocked():
     config.data.tasks = "speech_en"
     config.data.weights = ""

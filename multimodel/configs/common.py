@@ -115,6 +115,9 @@ TRAIN = dict(
     # The final evaluation's outputs never repeat an n-gram this long (0: off; None: each task's
     # own `Task.no_repeat_ngram`, 3 for translation and speech).
     eval_no_repeat_ngram=config_dict.placeholder(int),
+    # Audio tasks with text targets are decoded jointly with the model's CTC head over letters,
+    # beams ranked by (1 - w) log P_decoder + w log P_CTC (decode.JointCTC; 0: the decoder alone).
+    eval_ctc_weight=0.0,
     mesh_data=-1,  # Devices along the batch axis (-1: all that the expert axis leaves).
     mesh_expert=1,  # Devices along the expert axis.
     plot=True,  # Write PNG plots into the workdir at the end.
