@@ -316,9 +316,12 @@ class JointCTC(NamedTuple):
   whole hypothesis), and beams are ranked by (1 - weight) log P_decoder + weight psi.
   """
   weight: float     # In [0, 1]; 0 ranks by the decoder alone (among the candidates).
-  table: Array      # int32 [V, K]: each piece's letters (`objective.ctc_char_table`).
+  table: Array      # int32 [V', K]: each piece's letters (`objective.ctc_char_table`); V' <= V.
   space: int = 0    # The space's label (`objective.ctc_space_label`); 0 when the head writes none.
   candidates: int = 0  # Pieces per hypothesis the head scores; 0: max(2 N, 8) (at most V).
+  # bool [V']: the pieces the head can spell whole (`objective.ctc_spellable`); the others are
+  # never chosen (the head would score them as free), EOS always may be. None: all may be.
+  spellable: Array | None = None
 
 
 def _joint(decoder_logp: Array, ctc_logp: Array, weight: float) -> Array:
@@ -377,7 +380,6 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
   if ctc is not None:
     ctc_log_probs = jax.nn.log_softmax(model.ctc_head(enc).astype(jnp.float32))  # [B, S, L]
     ctc_mask = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
-    candidates = min(ctc.candidates or max(2 * n, 8), ctc.table.shape[0])  # At most V.
     first_only = jnp.tile(jnp.array([0.0] + [NEG_INF] * (n - 1), jnp.float32), (batch, 1))
     joint = (first_only, ctc_prefix.init(ctc_log_probs, ctc_mask, n))
   best_possible_penalty = gnmt_length_penalty(max_length, length_penalty)
@@ -408,9 +410,16 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
       scored = alive_logp[..., None] + log_probs.reshape(batch, n, vocab)  # [B, N, V]
     else:  # Each beam's best pieces under the decoder, ranked with the CTC head's prefix score.
       alive_decoder, prefix = joint
+      # Ids past the tokenizer's (a model vocabulary larger than it) spell nothing and are banned.
+      extra = vocab - ctc.table.shape[0]
+      table = jnp.pad(jnp.asarray(ctc.table), ((0, extra), (0, 0)))
+      if ctc.spellable is not None:
+        spellable = jnp.pad(jnp.asarray(ctc.spellable), (0, extra))
+        log_probs = jnp.where(spellable | (jnp.arange(vocab) == eos_id), log_probs, NEG_INF)
+      candidates = min(ctc.candidates or max(2 * n, 8), vocab)
       decoder_logp, tokens = jax.lax.top_k(log_probs.reshape(batch, n, vocab), candidates)
       decoder_logp = alive_decoder[..., None] + decoder_logp  # [B, N, P]
-      labels, pending = ctc_prefix.candidate_labels(prefix, tokens, ctc.table, ctc.space)
+      labels, pending = ctc_prefix.candidate_labels(prefix, tokens, table, ctc.space)
       psi, r = ctc_prefix.extend(ctc_log_probs, ctc_mask, prefix, labels)  # [B, N, P]
       psi = jnp.where(tokens == eos_id, ctc_prefix.final_score(prefix)[..., None], psi)
       scored = _joint(decoder_logp, psi, ctc.weight)

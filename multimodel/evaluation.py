@@ -97,9 +97,11 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                        f"letter head (model.ctc_weight > 0 and ctc_units 'chars' or "
                        f"'chars_and_spaces' make one)")
     from multimodel import decode as decode_lib  # pylint: disable=import-outside-toplevel
+    alphabet = ctc_alphabet(units)
     joint_ctc = decode_lib.JointCTC(
-        ctc_weight, jnp.asarray(objective.ctc_char_table(tokenizer, alphabet=ctc_alphabet(units))),
-        objective.ctc_space_label(units))
+        ctc_weight, jnp.asarray(objective.ctc_char_table(tokenizer, alphabet=alphabet)),
+        objective.ctc_space_label(units),
+        spellable=jnp.asarray(objective.ctc_spellable(tokenizer, alphabet)))
   del model
 
   @jax.jit

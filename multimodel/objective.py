@@ -50,6 +50,15 @@ def ctc_char_table(tokenizer, max_chars: int = 16, alphabet: str = CTC_ALPHABET)
   return table
 
 
+def ctc_spellable(tokenizer, alphabet: str = CTC_ALPHABET) -> np.ndarray:
+  """bool [V]: the pieces whose every character (lower-cased; the word-start mark aside) a CTC
+  head over `alphabet` can write. Control and byte pieces are not."""
+  allowed = set(alphabet) | {" "}
+  return np.array([not tokenizer.is_control_or_byte(i)
+                   and all(c in allowed for c in tokenizer.piece(i).lower())
+                   for i in range(tokenizer.vocab_size)])
+
+
 def run_ctc_char_table(model_cfg, tokenizer) -> np.ndarray | None:
   """The `ctc_char_table` a run's train step needs: None unless its CTC loss is over characters."""
   if tokenizer is None or model_cfg.ctc_weight <= 0 or model_cfg.ctc_units == "pieces":

@@ -270,3 +270,38 @@ def test_joint_decoding_needs_a_letter_head(tmp_path, monkeypatch):
                      match=r"train.eval_ctc_weight=0.3 .*\(model.ctc_weight > 0, got 0.0"):
     trainer.train_and_evaluate(config, tmp_path / "refused", progress=False)
   assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_pieces_the_head_cannot_spell_are_never_chosen():
+  """A piece with no letters (punctuation, a digit) leaves the CTC score as it was, so a joint
+  search would take it for free: with `spellable` it is never chosen."""
+  frames = 6
+  path = [1, 0, 1, 2, 0, 0]
+  ctc_logits = np.full((1, frames, 3), -3.0)
+  ctc_logits[0, np.arange(frames), path] = 3.0
+  table = np.zeros((1, 8 ** 5, 7))
+  table[..., 6] = 2.0  # The decoder favours piece 6, which spells nothing.
+  model = TableModelWithCTC(table, ctc_logits)
+  spelling = jnp.asarray(np.concatenate([SPELLING, [[0, 0]]]))
+  run = functools.partial(decode.beam_search, model, None, jnp.zeros((1,), jnp.int32),
+                          beam_size=2, max_length=6)
+  free = run(ctc=decode.JointCTC(0.9, spelling))[0]
+  assert 6 in np.asarray(free[0]).tolist()
+  spellable = jnp.asarray([False, False, True, True, True, True, False])
+  tokens = run(ctc=decode.JointCTC(0.9, spelling, spellable=spellable))[0]
+  assert 6 not in np.asarray(tokens[0]).tolist()
+  assert tuple(int(x) for t in strip(tokens[0]) for x in spelling[t] if x) == (1, 1, 2)
+
+
+def test_ctc_spellable():
+  class Pieces:
+    vocab_size = 5
+    pieces = ["<pad>", "</s>", "\u2581the", "'s", "3"]
+
+    def piece(self, i):
+      return self.pieces[i].replace("\u2581", " ")
+
+    def is_control_or_byte(self, i):
+      return i < 2
+
+  assert objective.ctc_spellable(Pieces()).tolist() == [False, False, True, True, False]
