@@ -61,10 +61,13 @@ def final_score(state: PrefixState) -> Array:
   return jnp.logaddexp(state.r[..., -1, 0], state.r[..., -1, 1])
 
 
-def _compact(labels: Array) -> Array:
+def compact(labels: Array) -> Array:
   """Labels [..., K] with their zeros removed: the rest left-aligned in order, 0-padded."""
-  order = jnp.argsort(labels == 0, axis=-1, stable=True)
-  return jnp.take_along_axis(labels, order, axis=-1)
+  rows = labels.reshape(-1, labels.shape[-1])  # [M, K]
+  real = rows != 0
+  position = jnp.where(real, jnp.cumsum(real, axis=1) - 1, rows.shape[1])  # Zeros: dropped.
+  index = jnp.arange(rows.shape[0])[:, None]
+  return jnp.zeros_like(rows).at[index, position].set(rows, mode="drop").reshape(labels.shape)
 
 
 def candidate_labels(state: PrefixState, tokens: Array, table: Array,
@@ -81,11 +84,11 @@ def candidate_labels(state: PrefixState, tokens: Array, table: Array,
   """
   spelled = jnp.asarray(table)[tokens]  # [B, N, P, K]
   starts_word = (spelled[..., 0] == space) if space else jnp.zeros(tokens.shape, bool)
-  letters = _compact(jnp.where(spelled == space, 0, spelled) if space else spelled)
+  letters = compact(jnp.where(spelled == space, 0, spelled) if space else spelled)
   has_letters = letters[..., 0] != 0
   pending = state.pending[..., None] | starts_word  # [B, N, P]
   lead = jnp.where(pending & has_letters & (state.last[..., None] != 0), space, 0)
-  labels = _compact(jnp.concatenate([lead[..., None], letters], axis=-1))
+  labels = compact(jnp.concatenate([lead[..., None], letters], axis=-1))
   return labels, pending & ~has_letters
 
 

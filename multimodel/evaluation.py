@@ -88,8 +88,6 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
   ctc_writes_text = (" " in ctc_alphabet(units) if units != "pieces" else False) and reads_speech
   joint_ctc = None
   if ctc_weight and reads_speech:
-    if not 0.0 < ctc_weight <= 1.0:
-      raise ValueError(f"the CTC weight of joint decoding must be in [0, 1], got {ctc_weight}")
     if getattr(model, "ctc_head", None) is None or units == "pieces":
       raise ValueError(f"joint CTC decoding (CTC weight {ctc_weight}) needs a CTC head over "
                        f"letters; this model has model.ctc_units={units!r} and "

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from multimodel.ctc_prefix import compact
 from multimodel.decode import EOS_ID
 from multimodel.model import CTC_ALPHABET, MultiModel, TaskSpec, ctc_alphabet
 
@@ -72,14 +73,6 @@ def ctc_space_label(units: str) -> int:
   return alphabet.index(" ") + 1 if " " in alphabet else 0
 
 
-def _compact(labels: Array) -> Array:
-  """Labels [B, N] with their zeros removed: the rest left-aligned in order, 0-padded."""
-  real = labels != 0
-  position = jnp.where(real, jnp.cumsum(real, axis=1) - 1, labels.shape[1])  # Zeros: dropped.
-  rows = jnp.arange(labels.shape[0])[:, None]
-  return jnp.zeros_like(labels).at[rows, position].set(labels, mode="drop")
-
-
 def ctc_char_labels(targets: Array, table: Array, space: int = 0) -> Array:
   """Piece ids [B, T] (0 = padding) -> their characters' labels [B, T * K], left-aligned, 0-padded.
 
@@ -87,12 +80,12 @@ def ctc_char_labels(targets: Array, table: Array, space: int = 0) -> Array:
   first or last, none twice in a row (a word-start piece with no letters, "\u2581" before "(",
   adds a space of its own).
   """
-  labels = _compact(jnp.asarray(table)[targets].reshape(targets.shape[0], -1))  # [B, T * K]
+  labels = compact(jnp.asarray(table)[targets].reshape(targets.shape[0], -1))  # [B, T * K]
   if not space:
     return labels
   is_space = labels == space
   previous = jnp.pad(labels[:, :-1], ((0, 0), (1, 0)))  # 0 before the first.
-  labels = _compact(jnp.where(is_space & ((previous == space) | (previous == 0)), 0, labels))
+  labels = compact(jnp.where(is_space & ((previous == space) | (previous == 0)), 0, labels))
   following = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)))  # 0 after the last.
   return jnp.where((labels == space) & (following == 0), 0, labels)
 
