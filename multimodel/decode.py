@@ -482,6 +482,38 @@ def beam_search(model, task, inputs: Array, input_mask: Array | None = None, *, 
 METHODS = ("greedy", "beam", "full_rerun")
 
 
+def check_decoding(method: str, no_repeat_ngram: int = 0, ctc: JointCTC | None = None) -> None:
+  """Raises ValueError naming a decoding setting that `decode_with` cannot run."""
+  if method not in METHODS:
+    raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
+  if no_repeat_ngram < 0:
+    raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
+  if ctc is not None and not 0.0 <= ctc.weight <= 1.0:
+    raise ValueError(f"the CTC weight of joint decoding must be in [0, 1], got {ctc.weight}")
+  if ctc is not None and method == "full_rerun":
+    raise ValueError("joint CTC decoding runs with method 'greedy' or 'beam', not 'full_rerun'")
+
+
+def decode_with(model, task, inputs: Array, input_mask: Array | None = None, *, max_length: int,
+                method: str = "greedy", beam_size: int = 4, length_penalty: float = 0.6,
+                eos_id: int = EOS_ID, no_repeat_ngram: int = 0,
+                bracket_deltas: Array | None = None, word_starts: Array | None = None,
+                max_open_run: int = 0, ctc: JointCTC | None = None) -> Array:
+  """Decodes `inputs` with `model` by `method`: tokens int32 [B, T]. Traceable (the body of
+  `make_decoder`'s program and of an exported task's); the arguments are `make_decoder`'s."""
+  if method == "beam" or ctc is not None:
+    beam = method == "beam"
+    return beam_search(model, task, inputs, input_mask, beam_size=beam_size if beam else 1,
+                       max_length=max_length, length_penalty=length_penalty if beam else 0.0,
+                       eos_id=eos_id, no_repeat_ngram=no_repeat_ngram,
+                       bracket_deltas=bracket_deltas, word_starts=word_starts,
+                       max_open_run=max_open_run, ctc=ctc)[0]
+  fn = greedy if method == "greedy" else full_rerun_greedy
+  return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
+            no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
+            word_starts=word_starts, max_open_run=max_open_run)
+
+
 def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str = "greedy",
                  beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = EOS_ID,
                  no_repeat_ngram: int = 0, bracket_deltas: Array | None = None,
@@ -505,29 +537,15 @@ def make_decoder(graphdef: nnx.GraphDef, task, *, max_length: int, method: str =
     ctc: joint CTC/attention decoding (`JointCTC`; None: off). "greedy" is then a joint search
       of one beam without length penalty (each step's best piece by the weighted sum).
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown decoding method {method!r}; valid methods: {METHODS}")
-  if no_repeat_ngram < 0:
-    raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
-  if ctc is not None and not 0.0 <= ctc.weight <= 1.0:
-    raise ValueError(f"the CTC weight of joint decoding must be in [0, 1], got {ctc.weight}")
-  if ctc is not None and method == "full_rerun":
-    raise ValueError("joint CTC decoding runs with method 'greedy' or 'beam', not 'full_rerun'")
+  check_decoding(method, no_repeat_ngram, ctc)
 
   @jax.jit
   def decode(state, inputs: Array, input_mask: Array | None = None) -> Array:
-    model = nnx.merge(graphdef, state)
-    if method == "beam" or ctc is not None:
-      beam = method == "beam"
-      return beam_search(model, task, inputs, input_mask, beam_size=beam_size if beam else 1,
-                         max_length=max_length,
-                         length_penalty=length_penalty if beam else 0.0, eos_id=eos_id,
-                         no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
-                         word_starts=word_starts, max_open_run=max_open_run, ctc=ctc)[0]
-    fn = greedy if method == "greedy" else full_rerun_greedy
-    return fn(model, task, inputs, input_mask, max_length=max_length, eos_id=eos_id,
-              no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
-              word_starts=word_starts, max_open_run=max_open_run)
+    return decode_with(nnx.merge(graphdef, state), task, inputs, input_mask,
+                       max_length=max_length, method=method, beam_size=beam_size,
+                       length_penalty=length_penalty, eos_id=eos_id,
+                       no_repeat_ngram=no_repeat_ngram, bracket_deltas=bracket_deltas,
+                       word_starts=word_starts, max_open_run=max_open_run, ctc=ctc)
 
   return decode
 
