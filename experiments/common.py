@@ -71,6 +71,9 @@ def load_config(name: str, quick: bool, sets: list[str]):
 
   config = importlib.import_module(f"multimodel.configs.{name}").get_config()
   config.unlock()
+  # The experiments' tables (docs/results.md) decode every task greedily, as they were measured
+  # and as their saved runs say, not with each task's own beams (`Task.beam_size`).
+  config.train.eval_decode = "greedy"
   if quick:
     apply(config, QUICK)
   for dotted, value in parse_set(sets).items():

@@ -97,12 +97,13 @@ def load_for_task(workdir: str | pathlib.Path, task_name: str, step: int | None 
 
 
 def evaluate(workdir: str | pathlib.Path, task_name: str, *, split: str = "test",
-             step: int | None = None, decode: str = "greedy", beam_size: int = 4,
+             step: int | None = None, decode: str | None = None, beam_size: int | None = None,
              no_repeat_ngram: int | None = None, max_examples: int = 0,
              data_dir: str | None = None,
              ctc_weight: float | None = None) -> tuple[dict, pathlib.Path]:
   """Evaluates `task_name` on `split` with checkpoint `step` of the run in `workdir`.
 
+  `decode` and `beam_size` say how sequences are decoded (None: the task's own, `Task.beam_size`);
   `ctc_weight` is the weight of the CTC head in joint decoding of an audio task
   (`evaluation.evaluate_task`; None: the run's `train.eval_ctc_weight`).
 
@@ -134,9 +135,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--task", required=True, help="A task the run was trained on.")
   parser.add_argument("--split", default="test", help=SPLITS_HELP + " (default: test).")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step (default: latest).")
-  parser.add_argument("--decode", default="greedy", choices=("greedy", "beam", "none"),
-                      help="Decoding of sequence targets ('none': teacher-forced metrics only).")
-  parser.add_argument("--beam_size", type=int, default=4, help="Beams of --decode=beam.")
+  parser.add_argument("--decode", default=None, choices=("greedy", "beam", "none"),
+                      help="Decoding of sequence targets ('none': teacher-forced metrics only; "
+                           "default: the task's own, beam search for parse_en, else greedy).")
+  parser.add_argument("--beam_size", type=int, default=None,
+                      help="Beams of --decode=beam (default: the task's own, or 4).")
   parser.add_argument("--no_repeat_ngram", type=int, default=None,
                       help="Never repeat an n-gram of this size in an output (0: off; default: "
                            "the task's own: 3 for translation and speech).")
@@ -150,7 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="Prepared data (default: the run's data_dir, else $MULTIMODEL_DATA_DIR "
                            "or ~/.cache/multimodel).")
   args = parser.parse_args(argv)
-  if args.beam_size < 1 or args.max_examples < 0 or (args.no_repeat_ngram or 0) < 0:
+  beams_bad = args.beam_size is not None and args.beam_size < 1
+  if beams_bad or args.max_examples < 0 or (args.no_repeat_ngram or 0) < 0:
     parser.error("--beam_size must be >= 1, --max_examples and --no_repeat_ngram >= 0")
   if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
     parser.error(f"--ctc_weight must be in [0, 1], got {args.ctc_weight}")

@@ -51,17 +51,55 @@ def resolve_no_repeat_ngram(task: Task, no_repeat_ngram: int | None) -> int:
   return task.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
 
 
+def resolve_decode(task: Task, decode: str | None, beam_size: int | None) -> tuple[str, int]:
+  """How a task's sequences are decoded: (`decode`, `beam_size`) where given, else the task's
+  own ("beam" of `Task.beam_size` beams, or "greedy" when it keeps 1)."""
+  own = task.beam_size
+  if decode is None:
+    decode = "beam" if own > 1 else "greedy"
+  if beam_size is None:
+    beam_size = own if own > 1 else 4
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  return decode, beam_size
+
+
+def joint_ctc(model, task: Task, tokenizer: Tokenizer | None, ctc_weight: float):
+  """The `decode.JointCTC` of an audio task with text targets decoded jointly with the model's
+  CTC head over letters (`ctc_weight` > 0), else None.
+
+  Raises:
+    ValueError: `ctc_weight` > 0 for such a task and a model without a CTC head over letters.
+  """
+  if not ctc_weight or not (task.input_modality == "audio" and task.target_modality == "text"):
+    return None
+  units = getattr(model, "ctc_units", "pieces")
+  if getattr(model, "ctc_head", None) is None or units == "pieces":
+    raise ValueError(f"joint CTC decoding (CTC weight {ctc_weight}) needs a CTC head over "
+                     f"letters; this model has model.ctc_units={units!r} and "
+                     f"{'a' if getattr(model, 'ctc_head', None) is not None else 'no'} "
+                     f"letter head (model.ctc_weight > 0 and ctc_units 'chars' or "
+                     f"'chars_and_spaces' make one)")
+  from multimodel import decode as decode_lib  # pylint: disable=import-outside-toplevel
+  alphabet = ctc_alphabet(units)
+  return decode_lib.JointCTC(
+      ctc_weight, jnp.asarray(objective.ctc_char_table(tokenizer, alphabet=alphabet)),
+      objective.ctc_space_label(units),
+      spellable=jnp.asarray(objective.ctc_spellable(tokenizer, alphabet)))
+
+
 def _model_keys(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "example_index"}
 
 
 def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                   input_config: InputConfig, *, split: str = "test", max_examples: int = 0,
-                  decode: str = "greedy", beam_size: int = 4,
+                  decode: str | None = None, beam_size: int | None = None,
                   no_repeat_ngram: int | None = None, ctc_weight: float = 0.0) -> dict:
   """Metrics of one task on `split` (its first `max_examples`, 0 = all) and its outputs.
 
-  Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"), never
+  Sequence targets are decoded with `decode` ("greedy", "beam" of `beam_size`, or "none"; None:
+  the task's own, `Task.beam_size`: `resolve_decode`), never
   repeating an n-gram of size `no_repeat_ngram` (None: the task's own `Task.no_repeat_ngram`; 0: no
   such rule; `decode.ban_repeated_ngrams`; never for trees, whose brackets repeat by right);
   a task with `balanced_brackets` only into well-formed trees (`decode.keep_brackets_balanced`),
@@ -76,30 +114,18 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
 
   `results["decoded"]` lists {"index", "prediction", "reference"} per example: detokenised text
   for sequence targets (when decoding), class indices for label targets; `results["decode"]`,
-  `results["no_repeat_ngram"]` and `results["ctc_weight"]` say how sequences were decoded ("none"
-  and 0 when they were not).
+  `results["beam_size"]`, `results["no_repeat_ngram"]` and `results["ctc_weight"]` say how
+  sequences were decoded ("none" and 0 when they were not; a beam size of 1 for greedy).
   """
   spec = task_spec(task)
   no_repeat_ngram = resolve_no_repeat_ngram(task, no_repeat_ngram)
+  decode, beam_size = resolve_decode(task, decode, beam_size)
   model = nnx.merge(graphdef, params)
   units = getattr(model, "ctc_units", "pieces")
   reads_speech = (task.input_modality == "audio" and task.target_modality == "text"
                   and decode != "none")
   ctc_writes_text = (" " in ctc_alphabet(units) if units != "pieces" else False) and reads_speech
-  joint_ctc = None
-  if ctc_weight and reads_speech:
-    if getattr(model, "ctc_head", None) is None or units == "pieces":
-      raise ValueError(f"joint CTC decoding (CTC weight {ctc_weight}) needs a CTC head over "
-                       f"letters; this model has model.ctc_units={units!r} and "
-                       f"{'a' if getattr(model, 'ctc_head', None) is not None else 'no'} "
-                       f"letter head (model.ctc_weight > 0 and ctc_units 'chars' or "
-                       f"'chars_and_spaces' make one)")
-    from multimodel import decode as decode_lib  # pylint: disable=import-outside-toplevel
-    alphabet = ctc_alphabet(units)
-    joint_ctc = decode_lib.JointCTC(
-        ctc_weight, jnp.asarray(objective.ctc_char_table(tokenizer, alphabet=alphabet)),
-        objective.ctc_space_label(units),
-        spellable=jnp.asarray(objective.ctc_spellable(tokenizer, alphabet)))
+  ctc = joint_ctc(model, task, tokenizer, ctc_weight) if reads_speech else None
   del model
 
   @jax.jit
@@ -129,7 +155,7 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
                                       no_repeat_ngram=no_repeat_ngram,
                                       bracket_deltas=bracket_deltas(task, tokenizer),
                                       word_starts=word_starts(task, tokenizer),
-                                      max_open_run=task.max_open_run, ctc=joint_ctc)
+                                      max_open_run=task.max_open_run, ctc=ctc)
   source = sources.open_split(task, split) if decoder is not None else None
   for batch in pipeline.eval_batches(task, tokenizer, input_config, split=split,
                                      max_examples=max_examples or None):
@@ -173,22 +199,25 @@ def evaluate_task(graphdef, params, task: Task, tokenizer: Tokenizer | None,
               [d["ctc_prediction"] for d in decoded], refs)
     results["examples"] = len(decoded)
   results["decode"] = decode if decoder is not None else "none"
+  results["beam_size"] = beam_size if decoder is not None and decode == "beam" else 1
   results["no_repeat_ngram"] = no_repeat_ngram if decoder is not None else 0
-  results["ctc_weight"] = joint_ctc.weight if joint_ctc is not None else 0.0
+  results["ctc_weight"] = ctc.weight if ctc is not None else 0.0
   results["seconds"] = time.time() - start
   results["decoded"] = decoded
   return results
 
 
 def evaluate_tasks(graphdef, params, task_list, tokenizer, input_config, *, split="test",
-                   max_examples=0, decode="greedy", no_repeat_ngram=None, ctc_weight=0.0,
-                   workdir=None) -> dict:
-  """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task."""
+                   max_examples=0, decode=None, beam_size=None, no_repeat_ngram=None,
+                   ctc_weight=0.0, workdir=None) -> dict:
+  """{task name: metrics}; with a workdir, also `WORKDIR/eval/TASK-SPLIT.json` for each task.
+  The arguments are `evaluate_task`'s (None: each task's own decoding)."""
   results = {}
   for task in task_list:
     results[task.name] = evaluate_task(graphdef, params, task, tokenizer, input_config,
                                        split=split, max_examples=max_examples, decode=decode,
-                                       no_repeat_ngram=no_repeat_ngram, ctc_weight=ctc_weight)
+                                       beam_size=beam_size, no_repeat_ngram=no_repeat_ngram,
+                                       ctc_weight=ctc_weight)
     if workdir is not None:
       out = pathlib.Path(workdir) / "eval" / f"{task.name}-{split}.json"
       out.parent.mkdir(parents=True, exist_ok=True)

@@ -312,6 +312,11 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
   frozen = optim.freeze_mask(checkpoint.param_keys(abstract_params), train_cfg.freeze)
   if train_cfg.l2sp < 0:
     raise ValueError(f"train.l2sp must be >= 0, got {train_cfg.l2sp}")
+  if train_cfg.eval_decode not in (None, "greedy", "beam", "none") or (
+      train_cfg.eval_beam_size is not None and train_cfg.eval_beam_size < 1):
+    raise ValueError(f"train.eval_decode must be 'greedy', 'beam' or 'none' (unset: each task's "
+                     f"own), got {train_cfg.eval_decode!r}; train.eval_beam_size >= 1 (unset: "
+                     f"the task's own), got {train_cfg.eval_beam_size}")
   if (train_cfg.eval_no_repeat_ngram or 0) < 0:  # Checked now, not after training.
     raise ValueError(f"train.eval_no_repeat_ngram must be >= 0 (0: off; unset: each task's own), "
                      f"got {train_cfg.eval_no_repeat_ngram}")
@@ -488,7 +493,8 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
     results = evaluation.evaluate_tasks(
         graphdef, params, list(mixture.tasks.values()), tokenizer, InputConfig.from_config(config),
         split=train_cfg.eval_split, max_examples=train_cfg.eval_max_examples,
-        decode=train_cfg.eval_decode, no_repeat_ngram=train_cfg.eval_no_repeat_ngram,
+        decode=train_cfg.eval_decode, beam_size=train_cfg.eval_beam_size,
+        no_repeat_ngram=train_cfg.eval_no_repeat_ngram,
         ctc_weight=train_cfg.eval_ctc_weight, workdir=workdir if is_main else None)
     if is_main:
       print(evaluation.format_table(results), flush=True)

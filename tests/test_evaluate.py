@@ -92,6 +92,45 @@ def test_no_repeat_ngram_reaches_the_decoder(workdir, capsys, monkeypatch):
   assert "--no_repeat_ngram >= 0" in capsys.readouterr().err
 
 
+def test_each_task_decodes_with_its_own_beams(workdir, capsys, monkeypatch):
+  """Without --decode a task is decoded as its `Task.beam_size` says (1: greedy); --decode and
+  --beam_size override it, and the report says which decoding ran."""
+  from multimodel import decode, evaluation  # pylint: disable=import-outside-toplevel
+  seen, make_decoder = [], decode.make_decoder
+
+  def recording(*args, **kwargs):
+    seen.append((kwargs["method"], kwargs["beam_size"]))
+    return make_decoder(*args, **kwargs)
+
+  monkeypatch.setattr(decode, "make_decoder", recording)
+  args = ["--workdir", str(workdir), "--task", "translate_en_fr", "--max_examples", "2"]
+  for flag, want, beams in (([], "greedy", 1), (["--decode", "beam"], "beam", 4),
+                            (["--decode", "beam", "--beam_size", "2"], "beam", 2)):
+    seen.clear()
+    assert evaluate.main(args + flag) == 0
+    report = json.loads((workdir / "eval" / "translate_en_fr-test.json").read_text())
+    assert seen[-1][0] == want and report["decode"] == want and report["beam_size"] == beams
+    assert report["examples"] == 2
+  run = checkpoint.load_run(workdir)
+  graphdef, params = evaluate.model_from_run(run)
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
+  beamed = dataclasses.replace(tasks.get("translate_en_fr"), beam_size=3, max_target_length=12)
+  for kwargs, want in (({}, ("beam", 3)), ({"decode": "greedy"}, ("greedy", 3)),
+                       ({"beam_size": 2}, ("beam", 2))):
+    seen.clear()
+    report = evaluation.evaluate_task(graphdef, params, beamed, tokenizer,
+                                      InputConfig.from_config(run.config), max_examples=2,
+                                      **kwargs)
+    assert seen == [want] and report["decode"] == want[0]
+    assert report["beam_size"] == (want[1] if want[0] == "beam" else 1)
+  assert evaluation.resolve_decode(tasks.get("image_mnist5k"), None, None) == ("greedy", 4)
+  with pytest.raises(ValueError, match="beam_size must be >= 1, got 0"):
+    evaluation.resolve_decode(beamed, None, 0)
+  with pytest.raises(SystemExit):
+    evaluate.parse_args(args + ["--beam_size", "0"])
+  assert "--beam_size must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("task_name", ["translate_en_fr", "image_mnist5k"])
 def test_input_gain_is_what_another_example_s_input_costs(workdir, monkeypatch, task_name):
   """input_gain = log-ppl given another example's input - given its own: nonzero for a model

@@ -99,6 +99,11 @@ def test_task_definitions_are_checked():
     with pytest.raises(ValueError, match="no_repeat_ngram needs text targets that are not trees"):
       tasks.Task("t", "s", tasks.Fields("a", "b"), "text", **{"target_modality": "text", **bad},
                  command="to_text", metrics=("bleu",), no_repeat_ngram=3)
+  with pytest.raises(ValueError, match=r"beam_size must be >= 1 \(1: greedy\).*got 0 for a text"):
+    tasks.Task("t", "s", tasks.Fields("a", "b"), "text", "text", "to_text", ("bleu",), beam_size=0)
+  with pytest.raises(ValueError, match="above 1 only with text targets; got 4 for a label target"):
+    tasks.Task("t", "s", tasks.Fields("a", "b"), "text", "label", "to_label", ("accuracy",),
+               num_classes=2, beam_size=4)
 
 
 def test_embedded_translation_and_speech_decode_without_repeating_trigrams():
@@ -108,6 +113,12 @@ def test_embedded_translation_and_speech_decode_without_repeating_trigrams():
   assert ruled == {"translate_en_fr", "translate_fr_en", "translate_en_de", "translate_de_en",
                    "speech_en"}
   assert all(tasks.get(n).no_repeat_ngram == 3 for n in ruled)
+
+
+def test_only_the_parser_is_decoded_with_beams():
+  """parse_en keeps 4 beams, chosen on the main job's validation split, where beams lowered every
+  translation direction's chrF (docs/results.md, "Each task decoded its own way")."""
+  assert {n: t.beam_size for n, t in tasks.TASKS.items() if t.beam_size != 1} == {"parse_en": 4}
 
 
 def test_installed_tasks_are_the_prepared_ones(monkeypatch):

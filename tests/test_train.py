@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -99,9 +100,9 @@ def test_cli_end_to_end(straight_run):
   for task in ("image_mnist5k", "translate_en_fr"):
     report = json.loads((workdir / "eval" / f"{task}-test.json").read_text())
     assert 0.0 <= report["token_accuracy"] <= 1.0
-    # Unset train.eval_no_repeat_ngram: each task is decoded with its own rule.
-    assert (report["decode"], report["no_repeat_ngram"]) == (
-        ("none", 0) if task == "image_mnist5k" else ("greedy", 3))
+    # Unset train.eval_decode and eval_no_repeat_ngram: each task is decoded its own way.
+    assert (report["decode"], report["beam_size"], report["no_repeat_ngram"]) == (
+        ("none", 1, 0) if task == "image_mnist5k" else ("greedy", 1, 3))
   assert (workdir / "plots" / "loss_per_task.png").stat().st_size > 0
   assert (workdir / "plots" / "expert_load.png").stat().st_size > 0
   meta = checkpoint.Checkpoints(workdir).meta()
@@ -199,6 +200,16 @@ def test_eval_no_repeat_ngram_of_old_and_new_configs():
   assert checkpoint.config_from_json(saved).train.eval_no_repeat_ngram is None
   del saved["train"]["eval_no_repeat_ngram"]
   assert checkpoint.config_from_json(saved).train.eval_no_repeat_ngram == 0
+
+
+def test_eval_decode_of_old_and_new_configs():
+  """Unset now (each task's own beams); a config saved before stored "greedy" and keeps it."""
+  saved = checkpoint.config_to_json(tiny.get_config())
+  assert saved["train"]["eval_decode"] is None and saved["train"]["eval_beam_size"] is None
+  saved["train"]["eval_decode"] = "greedy"
+  del saved["train"]["eval_beam_size"]
+  old = checkpoint.config_from_json(saved).train
+  assert (old.eval_decode, old.eval_beam_size) == ("greedy", None)
 
 
 def test_unknown_task_and_config_key_fail_with_valid_lists(env, tmp_path):
@@ -469,6 +480,17 @@ def test_negative_eval_no_repeat_ngram_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="train.eval_no_repeat_ngram must be >= 0"):
     trainer.train_and_evaluate(two_task_config(steps=1, eval_no_repeat_ngram=-1), tmp_path,
                                progress=False)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(eval_decode="sampling"), "train.eval_decode must be 'greedy', 'beam' or 'none' "
+                                   "(unset: each task's own), got 'sampling'"),
+    (dict(eval_beam_size=0), "train.eval_beam_size >= 1 (unset: the task's own), got 0"),
+])
+def test_bad_eval_decoding_fails_before_training(tmp_path, setting, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    trainer.train_and_evaluate(two_task_config(steps=1, **setting), tmp_path, progress=False)
   assert not (tmp_path / "checkpoints").exists()
 
 

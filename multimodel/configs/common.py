@@ -111,7 +111,10 @@ TRAIN = dict(
     max_nonfinite_in_row=20,  # Skipped steps in a row (non-finite loss or gradient) before stopping.
     eval_split="test",  # Split of the final per-task evaluation.
     eval_max_examples=1000,  # Per task, in the final evaluation (0 = the whole split).
-    eval_decode="greedy",  # Decoding of sequence tasks in the final evaluation ("none" skips it).
+    # Decoding of sequence tasks in the final evaluation: "greedy", "beam" (of eval_beam_size
+    # beams), "none" (skips it); None: each task's own (`Task.beam_size`: 4 beams for parse_en).
+    eval_decode=config_dict.placeholder(str),
+    eval_beam_size=config_dict.placeholder(int),  # Beams of "beam" (None: the task's own, or 4).
     # The final evaluation's outputs never repeat an n-gram this long (0: off; None: each task's
     # own `Task.no_repeat_ngram`, 3 for translation and speech).
     eval_no_repeat_ngram=config_dict.placeholder(int),
