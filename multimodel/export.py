@@ -2,7 +2,11 @@
 
     python -m multimodel.export --workdir runs/default --out exports/default \
         [--tasks image_mnist5k,translate_en_fr] [--step S] [--batch_size 1] \
-        [--max_decode_length L] [--platforms cpu,cuda]
+        [--max_decode_length L] [--ctc_weight W] [--platforms cpu,cuda]
+
+A task's program decodes as the run's final evaluation does: with the task's own beams and
+n-gram rule (`Task.beam_size`, `Task.no_repeat_ngram`), trees by their rules, and an audio task
+jointly with the CTC head at the run's `train.eval_ctc_weight` (`--ctc_weight` sets another).
 
 The folder holds what `multimodel.predict` needs, and nothing that executes stored code:
   params.npz        parameters only (no optimizer state): the body and the modality nets the
@@ -11,9 +15,9 @@ The folder holds what `multimodel.predict` needs, and nothing that executes stor
   config.json       the run's config.
   tokenizer.model   the SentencePiece model proto (runs with text tasks).
   tasks.json        per task: modalities, command, classes, preprocessing settings (image size,
-                    audio features), length caps, the decoding's length and n-gram rule
-                    (`max_decode_length`, `no_repeat_ngram`), metrics, and the program's input
-                    shapes.
+                    audio features), length caps, how it decodes (`max_decode_length`,
+                    `no_repeat_ngram`, `beam_size`, and `ctc_weight` for speech decoded jointly
+                    with the CTC head), metrics, and the program's input shapes.
   TASK.jaxexport    per task, a serialized `jax.export` program of the prediction function
                     `(params, inputs[, input_mask]) -> predictions` (see `prediction_fn`).
   export.json       where it came from: workdir, step, batch size, platforms, jax version.
@@ -68,14 +72,17 @@ def input_specs(task, config, batch_size: int) -> dict:
 def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
                   bracket_deltas: np.ndarray | None = None,
                   word_starts: np.ndarray | None = None, max_open_run: int = 0,
-                  no_repeat_ngram: int = 0):
+                  no_repeat_ngram: int = 0, beam_size: int = 1,
+                  ctc: decode.JointCTC | None = None):
   """The pure function a task's program holds.
 
   `fn(params, inputs, input_mask=None)`, params {"/"-joined path: array} (those of
   `abstract_params`), inputs and input_mask as `input_specs` says. Returns for a label target
   {"classes": int32 [B, K], "probabilities": float32 [B, K]}, the K = min(5, num_classes) most
-  likely classes, best first; for a text target {"tokens": int32 [B, T]}, greedy decoding with
-  the incremental cache (EOS = 1 ends a sequence, 0 pads after it), into well-formed trees only
+  likely classes, best first; for a text target {"tokens": int32 [B, T]}, decoded on the
+  incremental cache (EOS = 1 ends a sequence, 0 pads after it), greedily or, with `beam_size` > 1,
+  the best of that many beams (`decode.beam_search`), jointly with the CTC head when `ctc` is
+  given (`decode.JointCTC`), into well-formed trees only
   when `bracket_deltas` is given (`decode.keep_brackets_balanced`), over exactly the input's
   pieces as leaves when `word_starts` is too, at most `max_open_run` brackets opened in a row
   (`decode.keep_input_leaves`), never repeating an n-gram of `no_repeat_ngram` tokens (0: off;
@@ -90,9 +97,11 @@ def prediction_fn(graphdef, abstract_params, task, *, max_decode_length: int,
       logits, _ = model(spec, inputs, targets, input_mask)  # [B, num_classes]
       probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits), min(TOP_K, task.num_classes))
       return {"classes": classes.astype(jnp.int32), "probabilities": probabilities}  # [B, K]
-    tokens = decode.greedy(model, spec, inputs, input_mask, max_length=max_decode_length,
-                           bracket_deltas=bracket_deltas, word_starts=word_starts,
-                           max_open_run=max_open_run, no_repeat_ngram=no_repeat_ngram)
+    tokens = decode.decode_with(model, spec, inputs, input_mask, max_length=max_decode_length,
+                                method="beam" if beam_size > 1 else "greedy",
+                                beam_size=beam_size, bracket_deltas=bracket_deltas,
+                                word_starts=word_starts, max_open_run=max_open_run,
+                                no_repeat_ngram=no_repeat_ngram, ctc=ctc)
     return {"tokens": tokens}  # [B, T]
 
   return fn
@@ -113,7 +122,7 @@ def class_names(task) -> list[str] | None:
 
 
 def task_info(task, config, *, batch_size: int, max_decode_length: int,
-              platforms: list[str]) -> dict:
+              platforms: list[str], ctc_weight: float = 0.0) -> dict:
   """The JSON entry of a task in tasks.json."""
   audio = config.model.audio
   specs = input_specs(task, config, batch_size)
@@ -132,6 +141,8 @@ def task_info(task, config, *, batch_size: int, max_decode_length: int,
       "max_target_length": task.max_target_length,
       "max_decode_length": max_decode_length if task.target_modality == "text" else None,
       "no_repeat_ngram": task.no_repeat_ngram if task.target_modality == "text" else None,
+      "beam_size": task.beam_size if task.target_modality == "text" else None,
+      "ctc_weight": ctc_weight if task.target_modality == "text" else None,
       "metrics": list(task.metrics),
       "batch_size": batch_size,
       "inputs": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in specs.items()},
@@ -144,7 +155,7 @@ def task_info(task, config, *, batch_size: int, max_decode_length: int,
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
            task_names: list[str] | None = None, step: int | None = None, batch_size: int = 1,
-           max_decode_length: int | None = None,
+           max_decode_length: int | None = None, ctc_weight: float | None = None,
            platforms: list[str] | None = None) -> pathlib.Path:
   """Writes the export folder `out` (see the module docstring) and returns its path.
 
@@ -156,12 +167,16 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     step: checkpoint step (default: the latest).
     batch_size: B of every program.
     max_decode_length: T of the text targets (default: each task's `max_target_length`).
+    ctc_weight: the CTC head's weight in the joint decoding of audio tasks with text targets, in
+      [0, 1] (0: the decoder alone; default: the run's `train.eval_ctc_weight`).
     platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu"; default: this machine's).
   Raises:
     checkpoint.WorkdirError: no such run or step. KeyError: a task the run was not trained on.
   """
   if batch_size < 1 or (max_decode_length is not None and max_decode_length < 1):
     raise ValueError("batch_size and max_decode_length must be >= 1")
+  if ctc_weight is not None and not 0.0 <= ctc_weight <= 1.0:
+    raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
   run = checkpoint.load_run(workdir, step)
   task_list = [evaluate.run_task(run, n) for n in (task_names or run.task_names)]
   platforms = list(platforms or [jax.default_backend()])
@@ -180,18 +195,23 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     stale.unlink()
   tasks_json = {}
   tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes) if run.tokenizer_bytes else None
+  if ctc_weight is None:
+    ctc_weight = run.config.train.eval_ctc_weight
   for task in task_list:
     length = max_decode_length or task.max_target_length
+    ctc = evaluation.joint_ctc(abstract, task, tokenizer, ctc_weight)
     fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length,
                        bracket_deltas=evaluation.bracket_deltas(task, tokenizer),
                        word_starts=evaluation.word_starts(task, tokenizer),
-                       max_open_run=task.max_open_run, no_repeat_ngram=task.no_repeat_ngram)
+                       max_open_run=task.max_open_run, no_repeat_ngram=task.no_repeat_ngram,
+                       beam_size=task.beam_size, ctc=ctc)
     specs = [jax.ShapeDtypeStruct(shape, dtype)
              for shape, dtype in input_specs(task, run.config, batch_size).values()]
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)
     (out / f"{task.name}.jaxexport").write_bytes(exported.serialize())
     tasks_json[task.name] = task_info(task, run.config, batch_size=batch_size,
-                                      max_decode_length=length, platforms=platforms)
+                                      max_decode_length=length, platforms=platforms,
+                                      ctc_weight=ctc.weight if ctc is not None else 0.0)
 
   with open(out / "params.npz", "wb") as f:
     np.savez(f, **params)
@@ -222,6 +242,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=1, help="Batch size of the programs.")
   parser.add_argument("--max_decode_length", type=int, default=None,
                       help="Longest decoded output of text targets (default: the task's cap).")
+  parser.add_argument("--ctc_weight", type=float, default=None,
+                      help="Decode audio tasks jointly with the run's CTC head, weighted this much "
+                           "against the decoder, in [0, 1] (0: the decoder alone; default: the "
+                           "run's train.eval_ctc_weight).")
   parser.add_argument("--platforms", default="",
                       help="Comma-separated platforms to lower for, e.g. cpu,cuda (default: this "
                            "machine's).")
@@ -238,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     out = export(args.workdir, args.out, task_names=split(args.tasks) or None, step=args.step,
                  batch_size=args.batch_size, max_decode_length=args.max_decode_length,
-                 platforms=split(args.platforms) or None)
+                 ctc_weight=args.ctc_weight, platforms=split(args.platforms) or None)
   except KeyError as e:
     print(f"error: {e.args[0]}", file=sys.stderr)
     return 2

@@ -16,8 +16,9 @@ from flax import nnx
 
 from data import pipeline
 from data.buckets import InputConfig
-from multimodel import ctc_prefix, decode, evaluate, evaluation, objective, trainer
-from multimodel.model import ctc_alphabet
+from multimodel import ctc_prefix, decode, evaluate, evaluation, export, objective, trainer
+from multimodel import checkpoint
+from multimodel.model import MultiModel, ctc_alphabet
 from tests.test_ctc_rescoring import _run
 from tests.test_decode import TableModel, finished_scores, random_table, strip
 from tests.test_train import small_config
@@ -257,6 +258,52 @@ def test_joint_search_of_weight_zero_is_beam_search_on_the_network(speech_run):
   steered = search(params, batch["inputs"], batch.get("input_mask"), 0.7)
   real = np.asarray(batch["example_index"]) >= 0
   assert real.any() and np.isfinite(np.asarray(steered[1])[real, 0]).all()
+
+
+def test_the_exported_speech_program_decodes_jointly(speech_run, tmp_path):
+  """The export of a run whose evaluation decodes speech jointly with its CTC head (weight 0.5)
+  holds that search, weight and letter tables included: its program gives the evaluation's
+  decoder's tokens, for the trained and for random weights, which the decoder alone does not
+  always give; --ctc_weight 0 exports the decoder alone."""
+  workdir, _ = speech_run
+  length = 12
+  joint_out = export.export(workdir, tmp_path / "joint", max_decode_length=length)
+  plain_out = export.export(workdir, tmp_path / "plain", max_decode_length=length, ctc_weight=0.0)
+  assert json.loads((joint_out / "tasks.json").read_text())["speech_en"]["ctc_weight"] == 0.5
+  assert json.loads((plain_out / "tasks.json").read_text())["speech_en"]["ctc_weight"] == 0.0
+  with pytest.raises(ValueError, match=r"ctc_weight must be in \[0, 1\], got 1.5"):
+    export.export(workdir, tmp_path / "bad", ctc_weight=1.5)
+  assert not (tmp_path / "bad").exists()
+
+  run, task, tokenizer, graphdef, params = evaluate.load_for_task(workdir, "speech_en")
+  spec = evaluation.task_spec(task)
+  joint = evaluation.joint_ctc(nnx.merge(graphdef, params), task, tokenizer, 0.5)
+  decoders = {w: decode.make_decoder(graphdef, spec, max_length=length, ctc=ctc,
+                                     no_repeat_ngram=task.no_repeat_ngram)
+              for w, ctc in ((0.5, joint), (0.0, None))}
+  programs = {w: jax.export.deserialize(bytearray((out / "speech_en.jaxexport").read_bytes()))
+              for w, out in ((0.5, joint_out), (0.0, plain_out))}
+  with np.load(joint_out / "params.npz", allow_pickle=False) as npz:
+    exported = {k: npz[k] for k in npz.files}
+  batch = next(iter(pipeline.eval_batches(task, tokenizer, InputConfig.from_config(run.config),
+                                          split="test", max_examples=2)))
+  frames = batch["inputs"].shape[1]
+  inputs = np.zeros((2, task.max_input_length, batch["inputs"].shape[2]), np.float32)
+  mask = np.zeros((2, task.max_input_length), bool)  # The program's fixed [B, S] of frames.
+  inputs[:, :frames], mask[:, :frames] = batch["inputs"][:2], batch["input_mask"][:2]
+  _, random_params = nnx.split(MultiModel(run.config.model, rngs=nnx.Rngs(1)), nnx.Param)
+  random_flat = dict(zip(checkpoint.param_keys(random_params), jax.tree.leaves(random_params)))
+  differs = []
+  for state, flat in ((params, exported),
+                      (random_params, {k: random_flat[k] for k in exported})):
+    for row in range(2):
+      one = (inputs[row:row + 1], mask[row:row + 1])
+      got = {w: np.asarray(program.call(flat, *one)["tokens"]) for w, program in programs.items()}
+      for w, tokens in got.items():
+        want = np.asarray(decoders[w](state, *one))
+        np.testing.assert_array_equal(tokens, want)
+      differs.append(not np.array_equal(got[0.5], got[0.0]))
+  assert any(differs)  # The head changes some output: the program searches with it.
 
 
 def test_joint_decoding_needs_a_letter_head(tmp_path, monkeypatch):

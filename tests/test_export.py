@@ -147,6 +147,8 @@ def test_export_folder_holds_params_config_tokenizer_tasks_and_programs(run, ful
   assert translate["inputs"]["inputs"] == {"shape": [1, 128], "dtype": "int32"}
   assert translate["max_decode_length"] == DECODE_LENGTH
   assert translate["no_repeat_ngram"] == 3 and mnist["no_repeat_ngram"] is None
+  assert translate["beam_size"] == 1 and translate["ctc_weight"] == 0.0
+  assert mnist["beam_size"] is None and mnist["ctc_weight"] is None
   assert translate["audio_features"]["num_mel_bins"] == 80
   for name in tasks:
     assert load_program(full_export, name).in_avals[-1].shape == tuple(
@@ -204,11 +206,13 @@ def test_programs_reproduce_the_models_predictions(run, full_export):
   assert any(differs)  # Without the rule some output repeats a 3-gram: the program has the rule.
 
 
-def test_tree_programs_decode_with_the_bracket_rule(run):
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_tree_programs_decode_with_the_bracket_rule(run, beam_size):
   """A task with `balanced_brackets` and `leaves_are_input` (parse_en) gets the tokenizer's bracket
   and word tables in its program: it decodes as the evaluation's decoder with them does, and its
   random-weight outputs, which would otherwise not be trees, open one, never close more brackets
-  than it opened, and write the input's pieces as their words."""
+  than it opened, and write the input's pieces as their words; with `beam_size` > 1 it is the
+  evaluation's beam search (parse_en's own decoding, `Task.beam_size`)."""
   task = tasks_lib.get("parse_en")
   tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes)
   deltas = evaluation.bracket_deltas(task, tokenizer)
@@ -222,15 +226,20 @@ def test_tree_programs_decode_with_the_bracket_rule(run):
                                                        tokenizer) is None
   rules = dict(bracket_deltas=deltas, word_starts=starts, max_open_run=task.max_open_run)
   fn = jax.jit(export.prediction_fn(graphdef, params, task, max_decode_length=DECODE_LENGTH,
-                                    **rules))
+                                    beam_size=beam_size, **rules))
   decoder = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH,
-                                **rules)
+                                method="beam" if beam_size > 1 else "greedy",
+                                beam_size=beam_size, **rules)
   inputs = np.zeros((2, task.max_input_length), np.int32)  # [2, S]
   for row, index in enumerate((0, 1)):
     ids = pipeline_input("parse_en", index, tokenizer)
     inputs[row, :len(ids)] = ids
   tokens = np.asarray(fn(flat, inputs)["tokens"])  # [2, T]
   np.testing.assert_array_equal(tokens, np.asarray(decoder(params, inputs)))
+  if beam_size > 1:  # Beam search finds other trees than greedy decoding here.
+    greedy = decode.make_decoder(graphdef, evaluation.task_spec(task), max_length=DECODE_LENGTH,
+                                 **rules)
+    assert not np.array_equal(tokens, np.asarray(greedy(params, inputs)))
   deltas = np.pad(deltas, (0, run.config.model.vocab_size - len(deltas)))  # Ids past the tokens.
   assert all(tree_prefix_ok(row.tolist(), deltas=deltas) for row in tokens)
   for row, words in zip(tokens, inputs):  # Its leaves are the input's first pieces.
