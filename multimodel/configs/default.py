@@ -3,8 +3,9 @@
 D=256, one encoder block, 8 experts (k=2); 7000 steps of one task each (the paper's way) on
 text batches of 1024 tokens and image batches of 16, tasks drawn with temperature 2 (rate ~
 sqrt(size)) times the weights below. On 2 CPU cores, final evaluation and the compilation of
-every XLA program included: 38.0 minutes on the fastest machine measured, 71.5 on one whose text
-step (`benchmarks.mfu`) takes 618 ms (README, "The main job").
+every XLA program included: 34.7-38.0 minutes on the fastest machines measured, 71.5 on one
+whose text step (`benchmarks.mfu`) takes 618 ms (README, "The main job"). Parsing is decoded
+with 4 beams (`Task.beam_size`), the other sequence tasks greedily.
 
 Sized for a budget in which the model sees most training examples about once, so:
 - no dropout (measured on translate_fr_en, tiny config, 200 steps: log-ppl 5.75 without, 5.87 with;
