@@ -501,6 +501,7 @@ def decode_with(model, task, inputs: Array, input_mask: Array | None = None, *, 
                 max_open_run: int = 0, ctc: JointCTC | None = None) -> Array:
   """Decodes `inputs` with `model` by `method`: tokens int32 [B, T]. Traceable (the body of
   `make_decoder`'s program and of an exported task's); the arguments are `make_decoder`'s."""
+  check_decoding(method, no_repeat_ngram, ctc)
   if method == "beam" or ctc is not None:
     beam = method == "beam"
     return beam_search(model, task, inputs, input_mask, beam_size=beam_size if beam else 1,

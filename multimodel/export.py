@@ -4,9 +4,11 @@
         [--tasks image_mnist5k,translate_en_fr] [--step S] [--batch_size 1] \
         [--max_decode_length L] [--ctc_weight W] [--platforms cpu,cuda]
 
-A task's program decodes as the run's final evaluation does: with the task's own beams and
-n-gram rule (`Task.beam_size`, `Task.no_repeat_ngram`), trees by their rules, and an audio task
-jointly with the CTC head at the run's `train.eval_ctc_weight` (`--ctc_weight` sets another).
+A task's program decodes as the run's final evaluation does (`run_decoding`): with the beams and
+n-gram rule of the run's `train.eval_decode`, `eval_beam_size` and `eval_no_repeat_ngram`, where
+unset the task's own (`Task.beam_size`, `Task.no_repeat_ngram`), trees by their rules, and an
+audio task jointly with the CTC head at the run's `train.eval_ctc_weight` (`--ctc_weight` sets
+another).
 
 The folder holds what `multimodel.predict` needs, and nothing that executes stored code:
   params.npz        parameters only (no optimizer state): the body and the modality nets the
@@ -121,8 +123,20 @@ def class_names(task) -> list[str] | None:
   return names if len(names) == task.num_classes else None
 
 
+def run_decoding(task, train_config) -> dict:
+  """{"beam_size", "no_repeat_ngram"} of a task's program: as the run's final evaluation decodes
+  it (`train.eval_decode`, `eval_beam_size`, `eval_no_repeat_ngram`; unset: the task's own; a
+  run whose evaluation decoded nothing ("none") gets the task's own)."""
+  method = None if train_config.eval_decode == "none" else train_config.eval_decode
+  method, beams = evaluation.resolve_decode(task, method, train_config.eval_beam_size)
+  return {"beam_size": beams if method == "beam" else 1,
+          "no_repeat_ngram": evaluation.resolve_no_repeat_ngram(
+              task, train_config.eval_no_repeat_ngram)}
+
+
 def task_info(task, config, *, batch_size: int, max_decode_length: int,
-              platforms: list[str], ctc_weight: float = 0.0) -> dict:
+              platforms: list[str], ctc_weight: float = 0.0, beam_size: int = 1,
+              no_repeat_ngram: int = 0) -> dict:
   """The JSON entry of a task in tasks.json."""
   audio = config.model.audio
   specs = input_specs(task, config, batch_size)
@@ -140,8 +154,8 @@ def task_info(task, config, *, batch_size: int, max_decode_length: int,
       "max_input_length": task.max_input_length,
       "max_target_length": task.max_target_length,
       "max_decode_length": max_decode_length if task.target_modality == "text" else None,
-      "no_repeat_ngram": task.no_repeat_ngram if task.target_modality == "text" else None,
-      "beam_size": task.beam_size if task.target_modality == "text" else None,
+      "no_repeat_ngram": no_repeat_ngram if task.target_modality == "text" else None,
+      "beam_size": beam_size if task.target_modality == "text" else None,
       "ctc_weight": ctc_weight if task.target_modality == "text" else None,
       "metrics": list(task.metrics),
       "batch_size": batch_size,
@@ -189,29 +203,33 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   checkpoint.params_from_flat(abstract_params, params)  # Every parameter there, right shapes.
   params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
 
+  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes) if run.tokenizer_bytes else None
+  if ctc_weight is None:
+    ctc_weight = run.config.train.eval_ctc_weight
+  # Every task's decoding (and its refusals) before anything in `out` changes.
+  decodings = {t.name: run_decoding(t, run.config.train) for t in task_list}
+  ctcs = {t.name: evaluation.joint_ctc(abstract, t, tokenizer, ctc_weight) for t in task_list}
+
   out = pathlib.Path(out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob("*.jaxexport"):  # Programs of an earlier export to the same folder.
     stale.unlink()
   tasks_json = {}
-  tokenizer = Tokenizer.from_bytes(run.tokenizer_bytes) if run.tokenizer_bytes else None
-  if ctc_weight is None:
-    ctc_weight = run.config.train.eval_ctc_weight
   for task in task_list:
     length = max_decode_length or task.max_target_length
-    ctc = evaluation.joint_ctc(abstract, task, tokenizer, ctc_weight)
+    ctc = ctcs[task.name]
     fn = prediction_fn(graphdef, abstract_params, task, max_decode_length=length,
                        bracket_deltas=evaluation.bracket_deltas(task, tokenizer),
                        word_starts=evaluation.word_starts(task, tokenizer),
-                       max_open_run=task.max_open_run, no_repeat_ngram=task.no_repeat_ngram,
-                       beam_size=task.beam_size, ctc=ctc)
+                       max_open_run=task.max_open_run, ctc=ctc, **decodings[task.name])
     specs = [jax.ShapeDtypeStruct(shape, dtype)
              for shape, dtype in input_specs(task, run.config, batch_size).values()]
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, *specs)
     (out / f"{task.name}.jaxexport").write_bytes(exported.serialize())
     tasks_json[task.name] = task_info(task, run.config, batch_size=batch_size,
                                       max_decode_length=length, platforms=platforms,
-                                      ctc_weight=ctc.weight if ctc is not None else 0.0)
+                                      ctc_weight=ctc.weight if ctc is not None else 0.0,
+                                      **decodings[task.name])
 
   with open(out / "params.npz", "wb") as f:
     np.savez(f, **params)

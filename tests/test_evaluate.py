@@ -169,10 +169,11 @@ def bracket_depths(tree: str) -> list[int]:
   return depths[1:]
 
 
-def test_tree_outputs_keep_their_brackets_balanced(workdir):
+@pytest.mark.parametrize("decode", ["greedy", None])  # None: the task's own, 4 beams.
+def test_tree_outputs_keep_their_brackets_balanced(workdir, decode):
   """parse_en's outputs (`balanced_brackets`) open one tree, never close an unopened bracket and
   end where it closes, and their words are the input's (`leaves_are_input`), even from this barely
-  trained model (which writes no trees of its own)."""
+  trained model (which writes no trees of its own); greedily and with the task's beams."""
   from multimodel import evaluation  # pylint: disable=import-outside-toplevel
   run = checkpoint.load_run(workdir)
   graphdef, params = evaluate.model_from_run(run)
@@ -181,7 +182,8 @@ def test_tree_outputs_keep_their_brackets_balanced(workdir):
 
   def outputs(task):
     report = evaluation.evaluate_task(graphdef, params, task, tokenizer,
-                                      InputConfig.from_config(run.config), max_examples=4)
+                                      InputConfig.from_config(run.config), max_examples=4,
+                                      decode=decode)
     return [(d["prediction"], d["reference"]) for d in report["decoded"]]
 
   def over_its_words(tree, reference):  # Some words, the first of the input's (a prefix).

@@ -155,6 +155,42 @@ def test_export_folder_holds_params_config_tokenizer_tasks_and_programs(run, ful
         tasks[name]["inputs"]["inputs"]["shape"])
 
 
+def test_run_decoding_follows_the_runs_evaluation():
+  """A program decodes as the run's final evaluation: each task's own beams and n-gram rule where
+  the run's train.eval_* are unset (or decoded nothing), else the run's."""
+  from multimodel.configs import tiny  # pylint: disable=import-outside-toplevel
+  train = tiny.get_config().train
+  translate, parse = tasks_lib.get("translate_en_fr"), tasks_lib.get("parse_en")
+  assert export.run_decoding(translate, train) == {"beam_size": 1, "no_repeat_ngram": 3}
+  assert export.run_decoding(parse, train) == {"beam_size": 4, "no_repeat_ngram": 0}
+  with train.unlocked():
+    train.eval_decode = "none"
+  assert export.run_decoding(parse, train) == {"beam_size": 4, "no_repeat_ngram": 0}
+  with train.unlocked():
+    train.eval_decode, train.eval_no_repeat_ngram = "greedy", 0
+  assert export.run_decoding(parse, train)["beam_size"] == 1
+  assert export.run_decoding(translate, train) == {"beam_size": 1, "no_repeat_ngram": 0}
+  with train.unlocked():
+    train.eval_decode, train.eval_beam_size = "beam", 2
+  assert export.run_decoding(translate, train)["beam_size"] == 2
+
+
+def test_a_refused_export_leaves_the_folder_as_it_was(run, image_export, tmp_path, monkeypatch):
+  """Every task's decoding is settled before the folder changes: an export refused there (here a
+  joint CTC decoding the model cannot do) deletes and writes nothing."""
+  out = tmp_path / "export"
+  shutil.copytree(image_export, out)
+  before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+  def refuse(*args):
+    raise ValueError("joint CTC decoding needs a CTC head over letters")
+
+  monkeypatch.setattr(evaluation, "joint_ctc", refuse)
+  with pytest.raises(ValueError, match="CTC head"):
+    export.export(run.workdir, out)
+  assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def classify_in_process(graphdef, params, task_name, images):
   """The model's own top classes: images [B, H, W, 3] -> (probabilities, classes) [B, K]."""
   spec = evaluation.task_spec(tasks_lib.get(task_name))
