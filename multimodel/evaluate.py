@@ -139,7 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="Decoding of sequence targets ('none': teacher-forced metrics only; "
                            "default: the task's own, beam search for parse_en, else greedy).")
   parser.add_argument("--beam_size", type=int, default=None,
-                      help="Beams of --decode=beam (default: the task's own, or 4).")
+                      help="Beams of beam search (default: the task's own, or 4); without "
+                           "--decode it changes only the tasks decoded with beams (parse_en).")
   parser.add_argument("--no_repeat_ngram", type=int, default=None,
                       help="Never repeat an n-gram of this size in an output (0: off; default: "
                            "the task's own: 3 for translation and speech).")

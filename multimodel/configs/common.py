@@ -114,7 +114,8 @@ TRAIN = dict(
     # Decoding of sequence tasks in the final evaluation: "greedy", "beam" (of eval_beam_size
     # beams), "none" (skips it); None: each task's own (`Task.beam_size`: 4 beams for parse_en).
     eval_decode=config_dict.placeholder(str),
-    eval_beam_size=config_dict.placeholder(int),  # Beams of "beam" (None: the task's own, or 4).
+    eval_beam_size=config_dict.placeholder(int),  # Beams of "beam" (None: the task's own, or 4);
+    # with eval_decode unset, only the tasks decoded with beams use it.
     # The final evaluation's outputs never repeat an n-gram this long (0: off; None: each task's
     # own `Task.no_repeat_ngram`, 3 for translation and speech).
     eval_no_repeat_ngram=config_dict.placeholder(int),
