@@ -1,7 +1,7 @@
 """Builds the embedded tasks' data and the shared tokenizer: `python -m data.prepare`.
 
     python -m data.prepare [--tasks a,b] [--data_dir DIR] [--max_examples_per_split N]
-                           [--retrain_tokenizer] [--vocab_size 8192] [--imports my.module]
+                           [--retrain_tokenizer] [--vocab_size 4096] [--imports my.module]
 
 Builds each task's TFDS source into `DIR/tfds` (default `$MULTIMODEL_DATA_DIR`, else
 `~/.cache/multimodel`), skipping those already prepared, then trains the SentencePiece model on the
@@ -162,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="build at most this many examples a split (quick trials, tests)")
   parser.add_argument("--retrain_tokenizer", action="store_true",
                       help="train the tokenizer again even if one exists")
-  parser.add_argument("--vocab_size", type=int, default=tokenizer_lib.VOCAB_SIZE)
+  parser.add_argument("--vocab_size", type=int, default=tokenizer_lib.VOCAB_SIZE,
+                      help="pieces of a newly trained tokenizer (one already there is kept "
+                      "unless --retrain_tokenizer)")
   parser.add_argument("--imports", default="",
                       help="comma-separated modules to import first (they register your builders "
                       "and tasks)")

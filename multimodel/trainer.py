@@ -355,7 +355,10 @@ def train_and_evaluate(config, workdir: str, *, init: str | None = None,
         seed=train_cfg.seed, train_examples=config.data.train_examples)
   if tokenizer is not None and config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size} pieces")
+                     f"tokenizer's {tokenizer.vocab_size} pieces; "
+                     f"set --config.model.vocab_size={tokenizer.vocab_size}, or train a "
+                     f"tokenizer of {config.model.vocab_size} pieces for new runs: python -m "
+                     f"data.prepare --retrain_tokenizer --vocab_size {config.model.vocab_size}")
   meta = checkpoint.meta_for(config, task_names, tokenizer and tokenizer.to_bytes())
 
   # ---- Mesh, model and optimizer. ----

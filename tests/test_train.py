@@ -222,6 +222,15 @@ def test_unknown_task_and_config_key_fail_with_valid_lists(env, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_vocabulary_smaller_than_the_tokenizer_fails_with_the_fix(env, tmp_path):
+  environ, cache = env
+  result = run(train_cmd(tmp_path, cache, "--config.model.vocab_size=100"), environ)
+  assert result.returncode == 2
+  assert "model.vocab_size=100 is smaller than the tokenizer's" in result.stderr
+  assert "--retrain_tokenizer --vocab_size 100" in result.stderr
+  assert not checkpoint.checkpoint_steps(tmp_path / "checkpoints")  # Nothing saved.
+
+
 def test_one_device_equals_eight_devices(env, tmp_path):
   """The same run on 1 CPU device and on 8 (data x expert = 4 x 2) gives the same losses."""
   environ, cache = env
