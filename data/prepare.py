@@ -132,6 +132,10 @@ def prepare(tasks: Sequence[Task], *, max_examples_per_split: int | None = None,
     if missing:  # Not retrained unasked: that would renumber the pieces under later runs.
       status += (f" (trained without the tasks' symbols {', '.join(missing[:3])}...; "
                  "--retrain_tokenizer gives new runs one with them)")
+    if tok.vocab_size > vocab_size:  # E.g. 8192 pieces from before the default became 4096.
+      status += (f" ({tok.vocab_size} pieces, more than the {vocab_size} asked for: models of "
+                 f"model.vocab_size < {tok.vocab_size} refuse it; --retrain_tokenizer trains "
+                 f"one of {vocab_size})")
     rows.append(Row("tokenizer", "-", tok.vocab_size, None, status))
   return rows
 

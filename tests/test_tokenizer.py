@@ -122,6 +122,11 @@ def test_tree_brackets_are_pieces_of_their_own(tok, monkeypatch, tmp_path):
   [row] = prepare.prepare([], log=lambda _: None)
   assert row.task == "tokenizer" and "trained without the tasks' symbols (ADJP" in row.status
   assert "--retrain_tokenizer" in row.status and old_path.read_bytes() == plain.to_bytes()
+  assert "more than the" not in row.status
+  # One larger than asked for (8192 pieces from before the default of 4096) is kept and named.
+  [row] = prepare.prepare([], vocab_size=plain.vocab_size - 1, log=lambda _: None)
+  assert f"{plain.vocab_size} pieces, more than the {plain.vocab_size - 1} asked for" in row.status
+  assert old_path.read_bytes() == plain.to_bytes()
 
 
 def test_missing_model_names_the_fix(tmp_path):
