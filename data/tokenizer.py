@@ -1,6 +1,6 @@
 """The one SentencePiece vocabulary shared by every text task: pad=0, eos=1, unk=2, no bos.
 
-A unigram model of about 8k pieces (the paper's subword vocabulary size), trained deterministically
+A unigram model of 4096 pieces (`VOCAB_SIZE`; the paper used 8k), trained deterministically
 on the text of all text tasks (`python -m data.prepare` does it) with byte fallback, so that any
 UTF-8 string round-trips: `decode(encode(s)) == s` for every string without leading, trailing or
 repeated whitespace. The serialized model proto (`to_bytes`) travels inside checkpoints and exports.
