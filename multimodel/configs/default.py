@@ -14,12 +14,12 @@ Sized for a budget in which the model sees most training examples about once, so
   11000, of about the same cost, with sentiment x4, parsing x6.5, MNIST x3, captions x3.5, speech
   x2.5): alone, a direction starts to read its input between its own steps 600 and 1200, and the
   job gave each ~430-560. Every direction's BLEU then about doubled (3.2-7.4 -> 6.8-13.4, chrF
-  17.8-24.3 -> 25.1-31.8, log-perplexity 0.5-0.8 lower); parsing's F1 0.642 -> 0.632, sentiment
+  17.8-24.3 -> 25.1-31.8, log-perplexity 0.6-0.9 lower); parsing's F1 0.642 -> 0.632, sentiment
   0.740 -> 0.715, MNIST 0.980 -> 0.965, Fashion 0.835 -> 0.830, the captions' chrF 20.3 -> 19.5
   and speech's WER 0.941 -> 0.990 lost a little (docs/results.md, "Translation drawn about 1200
   times per direction");
-- 11000 steps (was 9000, before the line above), the 6.5 minutes the job had left of its budget: every sequence task's
-  test log-perplexity 0.05-0.22 lower and `input_gain` higher (speech 0.122 -> 0.210), parsing's
+- 11000 steps (was 9000, before the line above), the 6.5 minutes the job had left of its budget:
+  every sequence task's test log-perplexity 0.05-0.22 lower and `input_gain` higher (speech 0.122 -> 0.210), parsing's
   F1 0.639 -> 0.642, speech WER 0.963 -> 0.941, translation BLEU +0.4 to +0.9, MNIST 0.965 ->
   0.980; the captions' BLEU 11.7 -> 9.6 with chrF 19.9 -> 20.3 and 22 distinct test outputs
   instead of 15 (docs/results.md, "11000 steps");
